@@ -1,0 +1,530 @@
+"""Text-to-image and image-to-image jobs: check the request, run it, stop it on cancel.
+
+The Gradio event handler calls ``check_inputs`` before the job is queued, then ``start``.
+The pipeline runs in a worker thread that holds a model replica; the handler reads
+progress from the returned ``GenerationJob`` and calls ``cancel()`` when its visitor leaves.
+``callback_on_step_end`` turns the cancel flag into ``pipe._interrupt``, so a cancelled run
+stops within one denoising step and saves nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kit import __version__
+from kit.errors import GenerationFailed, InvalidRequest, JobCancelled, KitError
+from kit.families import ModelFamily, snap_to_multiple
+from kit.images import fit_to_size, open_image
+from kit.models import IMAGE2IMAGE, TEXT2IMAGE, ModelManager, Replica
+from kit.presets import Preset
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**53 - 1  # browsers keep integers exact up to here
+# A decoded image whose brightest channel stays below this (out of 255) counts as black.
+BLACK_IMAGE_MAX = 3
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 25
+    guidance_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    num_images: int = 1
+    init_image: Any = None  # PIL image, already opened and checked, or None
+    strength: float = 0.6
+
+    @property
+    def mode(self) -> str:
+        return IMAGE2IMAGE if self.init_image is not None else TEXT2IMAGE
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]  # PIL images
+    seeds: list[int]
+    settings: dict[str, Any]
+    model: str
+    notices: list[str] = field(default_factory=list)
+    entry_ids: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "seeds": self.seeds,
+            "settings": self.settings,
+            "model": self.model,
+            "entry_ids": self.entry_ids,
+            "notices": self.notices,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _as_int(parameter: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise InvalidRequest(parameter, f"{parameter} must be a whole number, got {value!r}.")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise InvalidRequest(parameter, f"{parameter} must be a whole number, got {value!r}.")
+
+
+def _as_float(parameter: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise InvalidRequest(parameter, f"{parameter} must be a number, got {value!r}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(parameter, f"{parameter} must be a number, got {value!r}.") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise InvalidRequest(parameter, f"{parameter} must be a finite number, got {value!r}.")
+    return number
+
+
+def _clean_text(parameter: str, value: Any, max_chars: int) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(parameter, f"{parameter} must be text, got {type(value).__name__}.")
+    if "\x00" in value:
+        raise InvalidRequest(parameter, f"{parameter} contains a NUL character; remove it and try again.")
+    cleaned = "".join(ch for ch in value if ch in "\n\t" or ch.isprintable()).strip()
+    if len(cleaned) > max_chars:
+        raise InvalidRequest(
+            parameter, f"{parameter} is {len(cleaned):,} characters long; the limit on this site is {max_chars:,}."
+        )
+    return cleaned
+
+
+def check_inputs(preset: Preset, family: ModelFamily, params: dict[str, Any]) -> GenerationRequest:
+    """Turn raw endpoint values into a ``GenerationRequest`` or raise ``InvalidRequest``.
+
+    Every rule comes from the preset and the model family, and every message names the
+    value and the allowed range. This runs before the job enters the queue.
+    """
+    settings = preset.generator
+    d, lim = settings.defaults, settings.limits
+    allowed = set(settings.visitor_parameters)
+
+    prompt = _clean_text("prompt", params.get("prompt"), lim.max_prompt_chars)
+    if not prompt:
+        raise InvalidRequest("prompt", "prompt is empty; describe the image you want.")
+    negative_prompt = _clean_text("negative_prompt", params.get("negative_prompt"), lim.max_prompt_chars)
+
+    seed = _as_int("seed", params.get("seed", -1))
+    if seed != -1 and not 0 <= seed <= MAX_SEED:
+        raise InvalidRequest("seed", f"seed must be -1 (pick one) or between 0 and {MAX_SEED}, got {seed}.")
+
+    steps = _as_int("steps", params.get("steps", d.steps))
+    if not lim.min_steps <= steps <= lim.max_steps:
+        raise InvalidRequest("steps", f"steps must be between {lim.min_steps} and {lim.max_steps}, got {steps}.")
+
+    guidance_scale = _as_float("guidance_scale", params.get("guidance_scale", d.guidance_scale))
+    if not 0.0 <= guidance_scale <= lim.max_guidance_scale:
+        raise InvalidRequest(
+            "guidance_scale",
+            f"guidance_scale must be between 0 and {lim.max_guidance_scale:g}, got {guidance_scale:g}.",
+        )
+
+    width = _as_int("width", params.get("width", d.width))
+    height = _as_int("height", params.get("height", d.height))
+    for name, value in (("width", width), ("height", height)):
+        if not lim.min_size <= value <= lim.max_size:
+            raise InvalidRequest(name, f"{name} must be between {lim.min_size} and {lim.max_size} pixels, got {value}.")
+        if value % family.size_multiple:
+            nearest = min(max(snap_to_multiple(value, family.size_multiple), lim.min_size), lim.max_size)
+            raise InvalidRequest(
+                name,
+                f"{name} must be a multiple of {family.size_multiple} for this model, got {value}; "
+                f"the nearest valid {name} is {nearest}.",
+            )
+    if width * height > lim.max_pixels:
+        raise InvalidRequest(
+            "width", f"width x height is {width * height:,} pixels; the limit on this site is {lim.max_pixels:,}."
+        )
+
+    num_images = _as_int("num_images", params.get("num_images", d.num_images))
+    if not 1 <= num_images <= lim.max_num_images:
+        raise InvalidRequest(
+            "num_images", f"num_images must be between 1 and {lim.max_num_images}, got {num_images}."
+        )
+
+    strength = _as_float("strength", params.get("strength", d.strength))
+    init_image = None
+    source = params.get("init_image")
+    if source:
+        if not 0.0 < strength <= 1.0:
+            raise InvalidRequest("strength", f"strength must be above 0 and at most 1, got {strength:g}.")
+        effective = int(steps * strength)
+        if effective < 1:
+            min_steps = math.ceil(1 / strength - 1e-9)
+            raise InvalidRequest(
+                "strength",
+                f"strength {strength:g} with {steps} steps runs int({steps} x {strength:g}) = {effective} "
+                f"denoising steps; raise strength to at least {1 / steps:.2f} or steps to at least {min_steps}.",
+            )
+        image = open_image(_source_path(source), "init_image")
+        init_image = fit_to_size(image, width, height)
+
+    values = {
+        "negative_prompt": (negative_prompt, d.negative_prompt),
+        "steps": (steps, d.steps),
+        "guidance_scale": (guidance_scale, d.guidance_scale),
+        "width": (width, d.width),
+        "height": (height, d.height),
+        "num_images": (num_images, d.num_images),
+        "strength": (strength, d.strength),
+    }
+    for name, (value, default) in values.items():
+        if name not in allowed and value != default:
+            raise InvalidRequest(name, f"{name} is fixed at {default!r} on this site; leave it out.")
+    if "init_image" not in allowed and init_image is not None:
+        raise InvalidRequest("init_image", "image-to-image is turned off on this site.")
+    if "seed" not in allowed and seed != -1:
+        raise InvalidRequest("seed", "seed cannot be chosen on this site; leave it at -1.")
+
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        width=width,
+        height=height,
+        num_images=num_images,
+        init_image=init_image,
+        strength=strength,
+    )
+
+
+def _source_path(source: Any) -> str:
+    """Accept what Gradio and gradio_client pass for an image: a path or a FileData mapping."""
+    if isinstance(source, str | Path):
+        return str(source)
+    if isinstance(source, dict) and source.get("path"):
+        return str(source["path"])
+    raise InvalidRequest("init_image", "init_image must be an uploaded image file.")
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Return one seed per image: the first is ``seed`` (or a random one for -1), then +1 each."""
+    first = secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
+    return [(first + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+@dataclass
+class Progress:
+    kind: str  # "waiting", "loading", "step", "saving"
+    step: int = 0
+    total: int = 0
+    detail: str = ""
+
+
+class GenerationJob:
+    """One running job, as its Gradio handler sees it: progress updates, result, cancel."""
+
+    def __init__(self, request: GenerationRequest, owner: str):
+        self.request = request
+        self.owner = owner
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.updates: queue.Queue[Progress] = queue.Queue()
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.steps_after_cancel = 0
+
+    def cancel(self) -> None:
+        if not self.finished.is_set() and not self.cancelled.is_set():
+            self.cancelled.set()
+            logger.info("job for owner %s cancelled", self.owner[:12])
+
+    def progress(self, poll_seconds: float = 0.2) -> Iterator[Progress | None]:
+        """Yield progress updates until the job ends; yield None every ``poll_seconds`` meanwhile.
+
+        The Nones let a Gradio generator handler yield often, because Gradio can only close
+        a generator (and so notice a cancel) at a ``yield``.
+        """
+        while True:
+            try:
+                yield self.updates.get(timeout=poll_seconds)
+                continue
+            except queue.Empty:
+                pass
+            if self.finished.is_set() and self.updates.empty():
+                return
+            yield None
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        if not self.finished.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+SaveFn = Callable[[GenerationResult, str], list[str]]
+
+
+class GeneratorService:
+    """Runs generation jobs on the model manager's replicas and hands results to the gallery."""
+
+    def __init__(self, preset: Preset, models: ModelManager, save: SaveFn | None = None):
+        self.preset = preset
+        self.models = models
+        self.save = save
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.models.family
+
+    def check(self, params: dict[str, Any]) -> GenerationRequest:
+        return check_inputs(self.preset, self.family, params)
+
+    def start(self, request: GenerationRequest, owner: str = "local", *, save: bool = True) -> GenerationJob:
+        """Start a job in a worker thread; ``save=False`` keeps its images out of the gallery."""
+        job = GenerationJob(request, owner)
+        thread = threading.Thread(target=self._run, args=(job, save), name="kit-generate", daemon=True)
+        thread.start()
+        return job
+
+    def generate(self, request: GenerationRequest, owner: str = "local") -> GenerationResult:
+        """Run one job to the end in the calling thread's view: start it and wait."""
+        return self.start(request, owner).wait()
+
+    def _run(self, job: GenerationJob, save: bool) -> None:
+        started = time.perf_counter()
+        try:
+            job.updates.put(Progress("waiting"))
+            with self.models.acquire(
+                cancelled=job.cancelled,
+                on_loading=lambda what: job.updates.put(Progress("loading", detail=what)),
+            ) as replica:
+                result = self._run_with_retry(job, replica)
+            if job.cancelled.is_set():
+                raise JobCancelled("job cancelled")
+            result.seconds = time.perf_counter() - started
+            if save and self.save is not None:
+                job.updates.put(Progress("saving"))
+                result.entry_ids = self.save(result, job.owner)
+            job.result = result
+            logger.info(
+                "job finished: %d image(s) %dx%d, %d steps, %.2f s, prompt of %d characters",
+                len(result.images),
+                job.request.width,
+                job.request.height,
+                job.request.steps,
+                result.seconds,
+                len(job.request.prompt),
+            )
+        except JobCancelled as exc:
+            job.error = exc
+            logger.info("job stopped after cancel; %d step(s) ran after the cancel", job.steps_after_cancel)
+        except KitError as exc:
+            job.error = exc
+            logger.warning("job failed: %s", exc)
+        except Exception as exc:  # reported to the visitor as a generic failure, logged in full
+            job.error = exc
+            logger.exception("job failed unexpectedly")
+        finally:
+            job.finished.set()
+
+    def _run_with_retry(self, job: GenerationJob, replica: Replica) -> GenerationResult:
+        import torch
+
+        try:
+            return run_pipeline(job, replica, self.preset, self.family)
+        except torch.OutOfMemoryError:
+            logger.warning("out of memory on %s; retrying once with a lower-memory plan", replica.device)
+            if job.cancelled.is_set() or not self.models.degrade(replica):
+                raise GenerationFailed("the server ran out of GPU memory; try a smaller size or fewer images.") from None
+        try:
+            return run_pipeline(job, replica, self.preset, self.family)
+        except torch.OutOfMemoryError:
+            from kit.models import release_cached_memory
+
+            release_cached_memory()
+            raise GenerationFailed(
+                "the server ran out of GPU memory even with a lower-memory plan; try a smaller size or fewer images."
+            ) from None
+
+
+def truncate_prompt(tokenizer: Any, prompt: str, window: int) -> tuple[str, int]:
+    """Return the part of ``prompt`` that the text encoder reads, and the prompt's token count.
+
+    The count excludes the start and end tokens that the pipeline adds around the text.
+    """
+    if tokenizer is None:
+        return prompt, 0
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+    room = window - 2
+    if len(ids) <= room:
+        return prompt, len(ids)
+    kept = tokenizer.decode(ids[:room], skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return kept.strip(), len(ids)
+
+
+def run_pipeline(job: GenerationJob, replica: Replica, preset: Preset, family: ModelFamily) -> GenerationResult:
+    """Run one job on a replica that the caller holds. Raises JobCancelled when stopped."""
+    import torch
+
+    request = job.request
+    pipe = replica.pipelines[request.mode]
+    notices: list[str] = []
+
+    # 1. Prompt: cut it to the text encoder's window and tell the visitor what was dropped.
+    tokenizer = getattr(pipe, "tokenizer", None)
+    window = getattr(tokenizer, "model_max_length", family.text_window) or family.text_window
+    prompt, tokens = truncate_prompt(tokenizer, request.prompt, window)
+    if prompt != request.prompt:
+        dropped = request.prompt[len(prompt) :].strip() if request.prompt.startswith(prompt) else ""
+        notices.append(
+            f"The prompt has {tokens} tokens and the model reads {window - 2}; "
+            f"the rest was dropped{': ' + repr(dropped[:80]) if dropped else ''}."
+        )
+        logger.warning("prompt truncated from %d to %d tokens", tokens, window - 2)
+    negative_prompt, _ = truncate_prompt(tokenizer, request.negative_prompt, window)
+
+    # 2. Seeds: one torch.Generator per image, so any image can be rebuilt alone.
+    seeds = image_seeds(request.seed, request.num_images)
+    generator_device = "cpu" if replica.device == "cpu" or replica.plan is None or replica.plan.strategy.value != "gpu" else replica.device
+    generators = [torch.Generator(device=generator_device).manual_seed(s) for s in seeds]
+
+    # 3. Step callback: progress out, cancel in.
+    total = request.steps if request.init_image is None else int(request.steps * request.strength)
+
+    def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if job.cancelled.is_set():
+            job.steps_after_cancel += 1
+            pipeline._interrupt = True
+        else:
+            job.updates.put(Progress("step", step=step + 1, total=total))
+        return callback_kwargs
+
+    kwargs: dict[str, Any] = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt or None,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "num_images_per_prompt": request.num_images,
+        "generator": generators,
+        "callback_on_step_end": on_step_end,
+        "output_type": "latent",
+    }
+    if request.init_image is not None:
+        kwargs["image"] = request.init_image
+        kwargs["strength"] = request.strength
+    else:
+        kwargs["width"] = request.width
+        kwargs["height"] = request.height
+    if family.name == "sdxl" and request.init_image is None:
+        kwargs["original_size"] = kwargs["target_size"] = (request.height, request.width)
+
+    # 4. Denoise.
+    vae = pipe.vae
+    tiling = request.width * request.height > preset.memory.vae_tiling_pixels
+    if tiling:
+        vae.enable_tiling()
+    elif replica.plan is None or not replica.plan.vae_tiling:
+        vae.disable_tiling()
+    job.updates.put(Progress("step", step=0, total=total))
+    with torch.inference_mode():
+        latents = pipe(**kwargs).images
+    if job.cancelled.is_set():
+        raise JobCancelled("job cancelled")
+
+    # 5. Decode, with a guard against the float16 VAE overflow that gives black images.
+    images = decode_latents(pipe, latents)
+
+    settings = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "width": request.width,
+        "height": request.height,
+        "strength": request.strength if request.init_image is not None else None,
+        "mode": request.mode,
+        "scheduler": type(pipe.scheduler).__name__,
+        "kit_version": __version__,
+    }
+    return GenerationResult(images=images, seeds=seeds, settings=settings, model=preset.generator.model, notices=notices)
+
+
+def _decode(vae: Any, latents: Any) -> Any:
+    import torch
+
+    scaled = latents.to(dtype=vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        scaled = scaled + shift
+    with torch.inference_mode():
+        return vae.decode(scaled, return_dict=False)[0]
+
+
+def _looks_broken(decoded: Any) -> bool:
+    import torch
+
+    if not torch.isfinite(decoded).all():
+        return True
+    # The VAE outputs [-1, 1]; an image whose every pixel stays near -1 is black.
+    brightest = ((decoded.float().amax(dim=(1, 2, 3)) + 1) * 127.5).min().item()
+    return brightest <= BLACK_IMAGE_MAX
+
+
+def decode_latents(pipe: Any, latents: Any) -> list[Any]:
+    """Decode latents to PIL images; retry in float32 when the result is non-finite or black.
+
+    Raises GenerationFailed rather than return a black image, so one is never saved as a success.
+    """
+    import torch
+
+    vae = pipe.vae
+    if not torch.isfinite(latents).all():
+        raise GenerationFailed("the model produced invalid values for this request; try another seed or fewer steps.")
+    decoded = _decode(vae, latents)
+    if _looks_broken(decoded) and vae.dtype != torch.float32:
+        logger.warning("decode in %s gave a non-finite or black image; decoding again in float32", vae.dtype)
+        original = vae.dtype
+        vae.to(torch.float32)
+        try:
+            decoded = _decode(vae, latents.float())
+        finally:
+            vae.to(original)
+    if _looks_broken(decoded):
+        raise GenerationFailed("the model produced a black or invalid image; try another seed or prompt.")
+    return pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+
+
+def result_settings_for_entry(result: GenerationResult, index: int) -> dict[str, Any]:
+    """Return the settings that rebuild image ``index`` of a result on its own."""
+    return {**result.settings, "seed": result.seeds[index], "num_images": 1, "model": result.model}
+
+
+__all__ = [
+    "GenerationJob",
+    "GenerationRequest",
+    "GenerationResult",
+    "GeneratorService",
+    "Progress",
+    "check_inputs",
+]

@@ -1,0 +1,1 @@
+"""Gradio widgets and event wiring. No model code lives here."""
