@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +323,9 @@ class ModelManager:
         current = replica.plan.strategy if replica.plan else Strategy.CPU
         lower = lower_strategy(current)
         pipe = replica.pipelines.get(TEXT2IMAGE)
-        if pipe is not None and hasattr(pipe, "vae") and not getattr(pipe.vae, "use_tiling", False):
+        if pipe is not None and replica.plan is not None and not replica.plan.vae_tiling:
+            # Tiling is the cheapest step down: it only slows the decode.
+            replica.plan = replace(replica.plan, vae_tiling=True, reasons=(*replica.plan.reasons, "VAE tiling turned on after an out-of-memory error"))
             pipe.vae.enable_tiling()
             logger.warning("out of memory on %s: VAE tiling turned on", replica.device)
             return True

@@ -47,7 +47,10 @@ def build(services: Services, *, notice: str = "") -> gr.Blocks:
     concurrency = services.models.replica_count * preset.queue.concurrency_per_replica
 
     with gr.Blocks(title=site.title, analytics_enabled=False) as demo:
-        browser_state = gr.BrowserState(None, storage_key="microsite-kit-visitor", secret=_browser_secret(services.data_dir))
+        # The visitor id lives in the browser's storage so that it outlives reloads and server
+        # restarts; each event reads the session copy, which API clients never see or send.
+        stored_id = gr.BrowserState(None, storage_key="microsite-kit-visitor", secret=_browser_secret(services.data_dir))
+        browser_state = gr.State(None)
         header = f"# {html.escape(site.title)}\n{site.description}"
         if notice:
             header += f"\n\n*{notice}*"
@@ -75,9 +78,12 @@ def build(services: Services, *, notice: str = "") -> gr.Blocks:
         )
 
         def on_load(browser_id: str | None):
-            return new_browser_id(browser_id), _footer(services, footer_text)
+            visitor = new_browser_id(browser_id)
+            return visitor, visitor, _footer(services, footer_text)
 
-        demo.load(on_load, inputs=[browser_state], outputs=[browser_state, footer], queue=False, api_visibility="private")
+        demo.load(
+            on_load, inputs=[stored_id], outputs=[stored_id, browser_state, footer], queue=False, api_visibility="private"
+        )
     return demo
 
 

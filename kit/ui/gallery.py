@@ -78,7 +78,7 @@ def page_as_json(page: GalleryPage) -> dict[str, Any]:
 def wire_gallery(
     panel: GalleryPanel,
     services: Services,
-    browser_state: gr.BrowserState,
+    browser_state: gr.State,
     generator_inputs: dict[str, gr.components.Component],
     tabs: gr.Tabs,
     generator_tab_id: str,
@@ -99,15 +99,37 @@ def wire_gallery(
                 raise GalleryError(f"page_size must be between 1 and 200, got {size}")
             return page_as_json(services.gallery.list(_owner_filter(services, request, None), number, size))
 
+    def show_page(page: float, browser_id: str | None, request: gr.Request):
+        with visitor_errors():
+            owner = _owner_filter(services, request, browser_id)
+            number = max(1, int(page or 1))
+            result = services.gallery.list(owner, number, default_page_size)
+            if number > result.pages:
+                number = result.pages
+                result = services.gallery.list(owner, number, default_page_size)
+        items = [(str(e.path), e.parameters.get("prompt", "")[:80]) for e in result.entries]
+        label = f"Page {result.page} of {result.pages} ({result.total} image{'s' if result.total != 1 else ''})"
+        if result.total == 0:
+            label = "No images yet. Generate one and it will appear here."
+        return items, number, label, [e.id for e in result.entries], None, None
+
+    page_outputs = [panel.grid, panel.page, panel.page_label, panel.page_ids, panel.selected_id, panel.detail]
+
+    gr.api(gallery, api_name="gallery", queue=False)
+
     panel.refresh_button.click(show_page, inputs=[panel.page, browser_state], outputs=page_outputs, api_visibility="private", queue=False)
     panel.page.submit(show_page, inputs=[panel.page, browser_state], outputs=page_outputs, api_visibility="private", queue=False)
+    def newer_page(page: float, browser_id: str | None, request: gr.Request):
+        return show_page(max(1, int(page or 1) - 1), browser_id, request)
+
+    def older_page(page: float, browser_id: str | None, request: gr.Request):
+        return show_page(int(page or 1) + 1, browser_id, request)
+
     panel.previous_button.click(
-        lambda p, b, request: show_page(max(1, int(p or 1) - 1), b, request),
-        inputs=[panel.page, browser_state], outputs=page_outputs, api_visibility="private", queue=False,
+        newer_page, inputs=[panel.page, browser_state], outputs=page_outputs, api_visibility="private", queue=False
     )
     panel.next_button.click(
-        lambda p, b, request: show_page(int(p or 1) + 1, b, request),
-        inputs=[panel.page, browser_state], outputs=page_outputs, api_visibility="private", queue=False,
+        older_page, inputs=[panel.page, browser_state], outputs=page_outputs, api_visibility="private", queue=False
     )
 
     def select(ids: list[str], browser_id: str | None, request: gr.Request, evt: gr.SelectData):

@@ -105,7 +105,7 @@ def build_generator_panel(services: Services) -> GeneratorPanel:
                     0.05, 1.0, value=d.strength, step=0.05, label="Strength (how much to change it)"
                 )
         with gr.Column(scale=4):
-            status = gr.Markdown("", elem_id="status")
+            status = gr.Markdown("", label="status", elem_id="status")
             gallery = gr.Gallery(
                 label="Result", columns=2, height="auto", format="png", elem_id="result", buttons=["download", "fullscreen"]
             )
@@ -151,10 +151,10 @@ def make_handlers(services: Services):
         width: float,
         height: float,
         num_images: float,
-        init_image: Any,
-        strength: float,
-        browser_id: str | None,
-        request: gr.Request,
+        init_image: Any = None,
+        strength: float = 0.6,
+        browser_id: str | None = None,
+        request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ):
         """Generate images from a prompt, or from a prompt and a source image.
@@ -217,7 +217,7 @@ def _result_images(services: Services, result: Any) -> list[tuple[Any, str]]:
     return list(zip(result.images, captions))
 
 
-def wire_generator(panel: GeneratorPanel, services: Services, browser_state: gr.BrowserState, concurrency_limit: int):
+def wire_generator(panel: GeneratorPanel, services: Services, browser_state: gr.State, concurrency_limit: int):
     validate, generate = make_handlers(services)
     inputs = [panel.inputs[name] for name in API_PARAMETERS] + [browser_state]
     outputs = [panel.gallery, panel.record, panel.status]
