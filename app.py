@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     services.models.start()
-    if services.preset.memory.warm_up:
+    if services.models.zerogpu:
+        # On ZeroGPU each job runs in a forked worker, so the weights must be loaded before
+        # the first one; loading inside the worker would repeat it for every job.
+        from kit.warmup import warm_up
+
+        warm_up(services)
+    elif services.preset.memory.warm_up:
         from kit.warmup import warm_up_in_background
 
         warm_up_in_background(services)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kit import zerogpu
 from kit.errors import InvalidRequest
 from kit.images import open_image
 from kit.models import ModelManager
@@ -44,7 +45,7 @@ class DescribeService:
         path = image["path"] if isinstance(image, dict) else image
         if not isinstance(path, str | Path):
             raise InvalidRequest("image", "image must be an uploaded image file.")
-        return open_image(path, "image")
+        return open_image(path, "image", self.preset.security.max_input_pixels)
 
     def describe(self, image: Any) -> str:
         """Return a caption for an image path (or an already opened PIL image)."""
@@ -58,12 +59,15 @@ class DescribeService:
             device = next(model.parameters()).device
             inputs = processor(images=picture, text=settings.prompt, return_tensors="pt").to(device)
             with torch.inference_mode():
-                output = model.generate(
-                    **inputs,
-                    max_new_tokens=settings.max_new_tokens,
-                    min_new_tokens=settings.min_new_tokens or None,
-                    num_beams=settings.num_beams,
-                    repetition_penalty=settings.repetition_penalty,
+                output = self.models.run_on_gpu(
+                    lambda: model.generate(
+                        **inputs,
+                        max_new_tokens=settings.max_new_tokens,
+                        min_new_tokens=settings.min_new_tokens or None,
+                        num_beams=settings.num_beams,
+                        repetition_penalty=settings.repetition_penalty,
+                    ),
+                    duration_s=zerogpu.DESCRIBE_DURATION_SECONDS,
                 )
             text = processor.batch_decode(output, skip_special_tokens=True)[0]
         caption = tidy_caption(text)

@@ -8,6 +8,7 @@ settings in a ``parameters`` text chunk, so a downloaded image still says how it
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,10 +16,11 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kit.errors import GalleryError
 
@@ -83,14 +85,37 @@ class GalleryPage:
         return max(1, -(-self.total // self.page_size))
 
 
+ImageWriter = Callable[[Any, BinaryIO, str], None]
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_png(image: Any, handle: BinaryIO, parameters_json: str) -> None:
+    """Write ``image`` as PNG with its settings in a ``parameters`` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters_json)
+    image.save(handle, format="PNG", pnginfo=info)
+
+
+def _write_failure(exc: OSError) -> str:
+    if exc.errno in _DISK_FULL:
+        logger.error("gallery write failed, the disk is full: %s", exc)
+        return "the server's disk is full, so the image could not be saved to the gallery and nothing was kept. Try again later."
+    logger.error("gallery write failed: %s", exc)
+    return f"could not save the image to the gallery: {exc.strerror or exc}"
+
+
 class GalleryStore:
     """SQLite index plus image files, scoped by owner. Safe to share between threads."""
 
-    def __init__(self, data_dir: Path, *, clock: Any = time.time):
+    def __init__(self, data_dir: Path, *, clock: Any = time.time, write_image: ImageWriter | None = None):
         self.data_dir = Path(data_dir).resolve()
         self.images_dir = self.data_dir / "images"
         self.db_path = self.data_dir / "gallery.sqlite3"
         self._clock = clock
+        # Seam for tests that need a failing disk (for example OSError(ENOSPC)).
+        self.write_image = write_image or write_png
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._opened = False
@@ -131,9 +156,50 @@ class GalleryStore:
 
     def add(self, image: Any, parameters: dict[str, Any], owner: str) -> GalleryEntry:
         """Save one PIL image with its settings and index it; return the new entry."""
-        from PIL.PngImagePlugin import PngInfo
+        return self.add_many([(image, parameters)], owner)[0]
 
+    def add_many(self, items: list[tuple[Any, dict[str, Any]]], owner: str) -> list[GalleryEntry]:
+        """Save the images of one job and index them all, or save none of them.
+
+        Every file is written and renamed into place first; the rows then go in one
+        transaction. On any failure the files written so far are deleted and GalleryError is
+        raised, so a job never leaves part of its images, a row without a file, or a temporary
+        file behind.
+        """
         self._ensure_open()
+        if not items:
+            return []
+        written: list[tuple[GalleryEntry, tuple[Any, ...]]] = []
+        try:
+            for image, parameters in items:
+                written.append(self._write_file(image, parameters, owner))
+        except BaseException as exc:
+            for entry, _row in written:
+                entry.path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise GalleryError(_write_failure(exc)) from exc
+            raise
+
+        rows = [row for _entry, row in written]
+        try:
+            with self._write_lock:
+                conn = self._connect()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(f"INSERT INTO entries VALUES ({', '.join('?' * len(rows[0]))})", rows)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            for entry, _row in written:
+                entry.path.unlink(missing_ok=True)
+            logger.error("could not index %d gallery image(s): %s", len(rows), exc)
+            raise GalleryError(f"could not index the image in the gallery: {exc}") from exc
+        return [entry for entry, _row in written]
+
+    def _write_file(self, image: Any, parameters: dict[str, Any], owner: str) -> tuple[GalleryEntry, tuple[Any, ...]]:
+        """Write one image under a temporary name, flush it, rename it into place; return entry and row."""
         entry_id = uuid.uuid4().hex
         created = self._clock()
         stamp = datetime.fromtimestamp(created, tz=timezone.utc)
@@ -161,26 +227,16 @@ class GalleryStore:
             parameters.get("kit_version", ""),
             json.dumps(parameters, sort_keys=True),
         )
-
-        info = PngInfo()
-        info.add_text("parameters", json.dumps(parameters, sort_keys=True))
         try:
             with open(temporary, "wb") as handle:
-                image.save(handle, format="PNG", pnginfo=info)
+                self.write_image(image, handle, json.dumps(parameters, sort_keys=True))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, final)
-        except OSError as exc:
+        except BaseException:
             temporary.unlink(missing_ok=True)
-            raise GalleryError(f"could not save the image to the gallery: {exc.strerror or exc}") from exc
-
-        try:
-            with self._write_lock:
-                self._connect().execute(f"INSERT INTO entries VALUES ({', '.join('?' * len(row))})", row)
-        except sqlite3.Error as exc:
-            final.unlink(missing_ok=True)
-            raise GalleryError(f"could not index the image in the gallery: {exc}") from exc
-        return GalleryEntry(entry_id, owner, created, final, parameters)
+            raise
+        return GalleryEntry(entry_id, owner, created, final, parameters), row
 
     def delete(self, entry_id: str, owner: str) -> None:
         """Delete an entry that ``owner`` made: the row first, then its file."""

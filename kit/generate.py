@@ -22,6 +22,7 @@ from typing import Any
 
 from kit import __version__
 from kit.errors import GenerationFailed, InvalidRequest, JobCancelled, KitError
+from kit.batching import AllCancelled, BatchCollector
 from kit.families import ModelFamily, snap_to_multiple
 from kit.images import fit_to_size, open_image
 from kit.models import IMAGE2IMAGE, TEXT2IMAGE, ModelManager, Replica
@@ -30,8 +31,13 @@ from kit.presets import Preset
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**53 - 1  # browsers keep integers exact up to here
+# Families whose pipelines take a list of prompts with one torch.Generator per image and give
+# each image the pixels it would get alone. Others run one job per call.
+BATCH_SAFE_FAMILIES = ("sd", "sd2", "sdxl")
 # A decoded image whose brightest channel stays below this (out of 255) counts as black.
 BLACK_IMAGE_MAX = 3
+# Live previews while denoising: at most one per this many seconds, per pipeline call.
+PREVIEW_INTERVAL_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ def check_inputs(preset: Preset, family: ModelFamily, params: dict[str, Any]) ->
                 f"strength {strength:g} with {steps} steps runs int({steps} x {strength:g}) = {effective} "
                 f"denoising steps; raise strength to at least {1 / steps:.2f} or steps to at least {min_steps}.",
             )
-        image = open_image(_source_path(source), "init_image")
+        image = open_image(_source_path(source), "init_image", preset.security.max_input_pixels)
         init_image = fit_to_size(image, width, height)
 
     values = {
@@ -233,29 +239,41 @@ def image_seeds(seed: int, count: int) -> list[int]:
 
 @dataclass
 class Progress:
-    kind: str  # "waiting", "loading", "step", "saving"
+    kind: str  # "waiting", "loading", "step", "saving", "cancelled"
     step: int = 0
     total: int = 0
     detail: str = ""
+    preview: Any = None  # on some "step" updates: a small PIL preview of the job's first image
 
 
 class GenerationJob:
     """One running job, as its Gradio handler sees it: progress updates, result, cancel."""
 
-    def __init__(self, request: GenerationRequest, owner: str):
+    def __init__(self, request: GenerationRequest, owner: str, save: bool = True):
         self.request = request
         self.owner = owner
+        self.save = save
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.updates: queue.Queue[Progress] = queue.Queue()
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
         self.steps_after_cancel = 0
+        # Set by the batch collector while the job waits, so a cancel ends it at once.
+        self.on_cancel: Callable[[GenerationJob], None] | None = None
 
     def cancel(self) -> None:
         if not self.finished.is_set() and not self.cancelled.is_set():
             self.cancelled.set()
             logger.info("job for owner %s cancelled", self.owner[:12])
+            if self.on_cancel is not None:
+                self.on_cancel(self)
+
+    def finish_cancelled(self) -> None:
+        """End a job that was cancelled before it reached a model."""
+        self.error = JobCancelled("job cancelled before it started")
+        self.finished.set()
+        self.updates.put(Progress("cancelled"))
 
     def progress(self, poll_seconds: float = 0.2) -> Iterator[Progress | None]:
         """Yield progress updates until the job ends; yield None every ``poll_seconds`` meanwhile.
@@ -286,79 +304,135 @@ SaveFn = Callable[[GenerationResult, str], list[str]]
 
 
 class GeneratorService:
-    """Runs generation jobs on the model manager's replicas and hands results to the gallery."""
+    """Runs generation jobs on the model manager's replicas and hands results to the gallery.
+
+    Jobs go through a ``BatchCollector``: compatible jobs that wait for the same replica run as
+    one pipeline call, each with its own seeds, progress and cancel flag.
+    """
 
     def __init__(self, preset: Preset, models: ModelManager, save: SaveFn | None = None):
         self.preset = preset
         self.models = models
         self.save = save
+        self._collector: BatchCollector | None = None
+        self._collector_lock = threading.Lock()
 
     @property
     def family(self) -> ModelFamily:
         return self.models.family
 
+    @property
+    def max_batch_size(self) -> int:
+        """Jobs per pipeline call: the preset's figure, or 1 for families not proven batch-safe."""
+        if self.family.name not in BATCH_SAFE_FAMILIES:
+            return 1
+        return self.preset.queue.max_batch_size
+
     def check(self, params: dict[str, Any]) -> GenerationRequest:
         return check_inputs(self.preset, self.family, params)
 
     def start(self, request: GenerationRequest, owner: str = "local", *, save: bool = True) -> GenerationJob:
-        """Start a job in a worker thread; ``save=False`` keeps its images out of the gallery."""
-        job = GenerationJob(request, owner)
-        thread = threading.Thread(target=self._run, args=(job, save), name="kit-generate", daemon=True)
-        thread.start()
+        """Queue a job for the next free replica; ``save=False`` keeps its images out of the gallery."""
+        job = GenerationJob(request, owner, save)
+        job.updates.put(Progress("waiting"))
+        self._get_collector().submit(job)
         return job
 
     def generate(self, request: GenerationRequest, owner: str = "local") -> GenerationResult:
-        """Run one job to the end in the calling thread's view: start it and wait."""
+        """Run one job and wait for its result."""
         return self.start(request, owner).wait()
 
-    def _run(self, job: GenerationJob, save: bool) -> None:
-        started = time.perf_counter()
-        try:
-            job.updates.put(Progress("waiting"))
-            with self.models.acquire(
-                cancelled=job.cancelled,
-                on_loading=lambda what: job.updates.put(Progress("loading", detail=what)),
-            ) as replica:
-                result = self._run_with_retry(job, replica)
-            if job.cancelled.is_set():
-                raise JobCancelled("job cancelled")
-            result.seconds = time.perf_counter() - started
-            if save and self.save is not None:
-                job.updates.put(Progress("saving"))
-                result.entry_ids = self.save(result, job.owner)
-            job.result = result
-            logger.info(
-                "job finished: %d image(s) %dx%d, %d steps, %.2f s, prompt of %d characters",
-                len(result.images),
-                job.request.width,
-                job.request.height,
-                job.request.steps,
-                result.seconds,
-                len(job.request.prompt),
-            )
-        except JobCancelled as exc:
-            job.error = exc
-            logger.info("job stopped after cancel; %d step(s) ran after the cancel", job.steps_after_cancel)
-        except KitError as exc:
-            job.error = exc
-            logger.warning("job failed: %s", exc)
-        except Exception as exc:  # reported to the visitor as a generic failure, logged in full
-            job.error = exc
-            logger.exception("job failed unexpectedly")
-        finally:
-            job.finished.set()
+    def close(self) -> None:
+        if self._collector is not None:
+            self._collector.close()
 
-    def _run_with_retry(self, job: GenerationJob, replica: Replica) -> GenerationResult:
+    def _get_collector(self) -> BatchCollector:
+        with self._collector_lock:
+            if self._collector is None:
+                self._collector = BatchCollector(
+                    self._run_batch,
+                    slots=self.models.replica_count,
+                    max_batch_size=self.max_batch_size,
+                    max_images=max(self.preset.queue.max_batch_images, self.preset.generator.limits.max_num_images),
+                    window_seconds=self.preset.queue.batch_window_ms / 1000,
+                )
+            return self._collector
+
+    def _run_batch(self, jobs: list[GenerationJob]) -> None:
+        started = time.perf_counter()
+        results: list[GenerationResult | None] = [None] * len(jobs)
+        try:
+            with self.models.acquire(
+                cancelled=AllCancelled(jobs),
+                on_loading=lambda what: [job.updates.put(Progress("loading", detail=what)) for job in jobs],
+            ) as replica:
+                results = self._run_with_retry(jobs, replica)
+        except JobCancelled as exc:
+            for job in jobs:
+                job.error = exc
+        except KitError as exc:
+            logger.warning("job failed: %s", exc)
+            for job in jobs:
+                job.error = exc
+        except Exception as exc:  # reported to the visitor as a generic failure, logged in full
+            logger.exception("job failed unexpectedly")
+            for job in jobs:
+                job.error = exc
+
+        # Saving happens after the replica is released, so gallery writes never hold the GPU.
+        for job, result in zip(jobs, results):
+            try:
+                if job.error is None:
+                    self._finish(job, result, started)
+            except Exception as exc:  # one job's failed save must not fail the others
+                if not isinstance(exc, KitError):
+                    logger.exception("saving a job's images failed")
+                job.error = exc
+            finally:
+                job.finished.set()
+
+    def _finish(self, job: GenerationJob, result: GenerationResult | None, started: float) -> None:
+        if job.cancelled.is_set() or result is None:
+            job.error = JobCancelled("job cancelled")
+            logger.info("job stopped after cancel; %d step(s) ran after the cancel", job.steps_after_cancel)
+            return
+        result.seconds = time.perf_counter() - started
+        if job.save and self.save is not None:
+            job.updates.put(Progress("saving"))
+            result.entry_ids = self.save(result, job.owner)
+        job.result = result
+        logger.info(
+            "job finished: %d image(s) %dx%d, %d steps, %.2f s, prompt of %d characters",
+            len(result.images),
+            job.request.width,
+            job.request.height,
+            job.request.steps,
+            result.seconds,
+            len(job.request.prompt),
+        )
+
+    def _run_with_retry(self, jobs: list[GenerationJob], replica: Replica) -> list[GenerationResult | None]:
         import torch
 
+        first = jobs[0].request
+
+        def attempt() -> list[GenerationResult | None]:
+            return self.models.run_on_gpu(
+                lambda: run_pipeline(jobs, replica, self.preset, self.family),
+                steps=first.steps,
+                width=first.width,
+                height=first.height,
+                num_images=sum(job.request.num_images for job in jobs),
+            )
+
         try:
-            return run_pipeline(job, replica, self.preset, self.family)
+            return attempt()
         except torch.OutOfMemoryError:
             logger.warning("out of memory on %s; retrying once with a lower-memory plan", replica.device)
-            if job.cancelled.is_set() or not self.models.degrade(replica):
+            if AllCancelled(jobs).is_set() or not self.models.degrade(replica):
                 raise GenerationFailed("the server ran out of GPU memory; try a smaller size or fewer images.") from None
         try:
-            return run_pipeline(job, replica, self.preset, self.family)
+            return attempt()
         except torch.OutOfMemoryError:
             from kit.models import release_cached_memory
 
@@ -383,17 +457,10 @@ def truncate_prompt(tokenizer: Any, prompt: str, window: int) -> tuple[str, int]
     return kept.strip(), len(ids)
 
 
-def run_pipeline(job: GenerationJob, replica: Replica, preset: Preset, family: ModelFamily) -> GenerationResult:
-    """Run one job on a replica that the caller holds. Raises JobCancelled when stopped."""
-    import torch
-
+def _prompt_for_model(job: GenerationJob, tokenizer: Any, window: int) -> tuple[str, str, list[str]]:
+    """Cut a job's prompts to the text encoder's window; return them with notices for the visitor."""
     request = job.request
-    pipe = replica.pipelines[request.mode]
     notices: list[str] = []
-
-    # 1. Prompt: cut it to the text encoder's window and tell the visitor what was dropped.
-    tokenizer = getattr(pipe, "tokenizer", None)
-    window = getattr(tokenizer, "model_max_length", family.text_window) or family.text_window
     prompt, tokens = truncate_prompt(tokenizer, request.prompt, window)
     if prompt != request.prompt:
         dropped = request.prompt[len(prompt) :].strip() if request.prompt.startswith(prompt) else ""
@@ -403,71 +470,145 @@ def run_pipeline(job: GenerationJob, replica: Replica, preset: Preset, family: M
         )
         logger.warning("prompt truncated from %d to %d tokens", tokens, window - 2)
     negative_prompt, _ = truncate_prompt(tokenizer, request.negative_prompt, window)
+    return prompt, negative_prompt, notices
+
+
+def run_pipeline(
+    jobs: list[GenerationJob], replica: Replica, preset: Preset, family: ModelFamily
+) -> list[GenerationResult | None]:
+    """Run compatible jobs as one pipeline call on a replica that the caller holds.
+
+    Returns one result per job, None for a job cancelled meanwhile. Raises JobCancelled when
+    every job was cancelled, which interrupts the call within one denoising step.
+    """
+    import torch
+
+    first = jobs[0].request
+    pipe = replica.pipelines[first.mode]
+
+    # 1. Prompts: cut each to the text encoder's window and tell its visitor what was dropped.
+    tokenizer = getattr(pipe, "tokenizer", None)
+    window = getattr(tokenizer, "model_max_length", family.text_window) or family.text_window
+    prepared = [_prompt_for_model(job, tokenizer, window) for job in jobs]
 
     # 2. Seeds: one torch.Generator per image, so any image can be rebuilt alone.
-    seeds = image_seeds(request.seed, request.num_images)
-    generator_device = "cpu" if replica.device == "cpu" or replica.plan is None or replica.plan.strategy.value != "gpu" else replica.device
-    generators = [torch.Generator(device=generator_device).manual_seed(s) for s in seeds]
+    seeds = [image_seeds(job.request.seed, job.request.num_images) for job in jobs]
+    on_device = replica.device != "cpu" and replica.plan is not None and replica.plan.strategy.value == "gpu"
+    generator_device = replica.device if on_device else "cpu"
+    prompts, negatives, generators, images_in = [], [], [], []
+    for job, (prompt, negative_prompt, _), job_seeds in zip(jobs, prepared, seeds):
+        for seed in job_seeds:
+            prompts.append(prompt)
+            negatives.append(negative_prompt)
+            generators.append(torch.Generator(device=generator_device).manual_seed(seed))
+            if job.request.init_image is not None:
+                images_in.append(job.request.init_image)
 
-    # 3. Step callback: progress out, cancel in.
-    total = request.steps if request.init_image is None else int(request.steps * request.strength)
+    # 3. Step callback: progress out to each job, cancel in from all of them.
+    total = first.steps if first.init_image is None else int(first.steps * first.strength)
+    everyone_left = AllCancelled(jobs)
+    # Index of each job's first image in the batch's latents.
+    first_images = [sum(len(s) for s in seeds[:index]) for index in range(len(jobs))]
+    previews = {"last": -math.inf, "on": True}
 
     def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        if job.cancelled.is_set():
-            job.steps_after_cancel += 1
+        now = time.monotonic()
+        preview_due = previews["on"] and now - previews["last"] >= PREVIEW_INTERVAL_SECONDS
+        if preview_due:
+            previews["last"] = now
+        for job, first_image in zip(jobs, first_images):
+            if job.cancelled.is_set():
+                job.steps_after_cancel += 1
+            else:
+                preview = _step_preview(callback_kwargs, first_image, family, first, previews) if preview_due else None
+                job.updates.put(Progress("step", step=step + 1, total=total, preview=preview))
+        if everyone_left.is_set():
             pipeline._interrupt = True
-        else:
-            job.updates.put(Progress("step", step=step + 1, total=total))
         return callback_kwargs
 
     kwargs: dict[str, Any] = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt or None,
-        "num_inference_steps": request.steps,
-        "guidance_scale": request.guidance_scale,
-        "num_images_per_prompt": request.num_images,
+        "prompt": prompts,
+        # None and a list of empty strings encode the same unconditional text; None is cheaper.
+        "negative_prompt": negatives if any(negatives) else None,
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.guidance_scale,
+        "num_images_per_prompt": 1,
         "generator": generators,
         "callback_on_step_end": on_step_end,
         "output_type": "latent",
     }
-    if request.init_image is not None:
-        kwargs["image"] = request.init_image
-        kwargs["strength"] = request.strength
+    if images_in:
+        kwargs["image"] = images_in
+        kwargs["strength"] = first.strength
     else:
-        kwargs["width"] = request.width
-        kwargs["height"] = request.height
-    if family.name == "sdxl" and request.init_image is None:
-        kwargs["original_size"] = kwargs["target_size"] = (request.height, request.width)
+        kwargs["width"] = first.width
+        kwargs["height"] = first.height
+    if family.name == "sdxl" and not images_in:
+        kwargs["original_size"] = kwargs["target_size"] = (first.height, first.width)
 
     # 4. Denoise.
     vae = pipe.vae
-    tiling = request.width * request.height > preset.memory.vae_tiling_pixels
-    if tiling:
+    if first.width * first.height > preset.memory.vae_tiling_pixels:
         vae.enable_tiling()
     elif replica.plan is None or not replica.plan.vae_tiling:
         vae.disable_tiling()
-    job.updates.put(Progress("step", step=0, total=total))
+    for job in jobs:
+        job.updates.put(Progress("step", step=0, total=total))
     with torch.inference_mode():
         latents = pipe(**kwargs).images
-    if job.cancelled.is_set():
+    if everyone_left.is_set():
         raise JobCancelled("job cancelled")
 
-    # 5. Decode, with a guard against the float16 VAE overflow that gives black images.
-    images = decode_latents(pipe, latents)
+    # 5. Decode the images of the jobs still wanted, with the black-image guard.
+    results: list[GenerationResult | None] = []
+    offset = 0
+    for job, (prompt, negative_prompt, notices), job_seeds in zip(jobs, prepared, seeds):
+        count = len(job_seeds)
+        job_latents = latents[offset : offset + count]
+        offset += count
+        if job.cancelled.is_set():
+            results.append(None)
+            continue
+        request = job.request
+        settings = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "width": request.width,
+            "height": request.height,
+            "strength": request.strength if request.init_image is not None else None,
+            "mode": request.mode,
+            "scheduler": type(pipe.scheduler).__name__,
+            "kit_version": __version__,
+        }
+        results.append(
+            GenerationResult(
+                images=decode_latents(pipe, job_latents),
+                seeds=job_seeds,
+                settings=settings,
+                model=preset.generator.model,
+                notices=notices,
+            )
+        )
+    return results
 
-    settings = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "steps": request.steps,
-        "guidance_scale": request.guidance_scale,
-        "width": request.width,
-        "height": request.height,
-        "strength": request.strength if request.init_image is not None else None,
-        "mode": request.mode,
-        "scheduler": type(pipe.scheduler).__name__,
-        "kit_version": __version__,
-    }
-    return GenerationResult(images=images, seeds=seeds, settings=settings, model=preset.generator.model, notices=notices)
+
+def _step_preview(
+    callback_kwargs: dict[str, Any], index: int, family: ModelFamily, request: GenerationRequest, previews: dict
+) -> Any:
+    """Return a PIL preview of image ``index`` of the step's latents; turn previews off if one fails."""
+    from kit.preview import preview_image
+
+    latents = callback_kwargs.get("latents")
+    if latents is None:
+        return None
+    try:
+        return preview_image(latents[index : index + 1], family.name, height=request.height, width=request.width)
+    except (ValueError, RuntimeError) as exc:
+        previews["on"] = False
+        logger.warning("live previews turned off for this pipeline call: %s", exc)
+        return None
 
 
 def _decode(vae: Any, latents: Any) -> Any:

@@ -10,6 +10,7 @@ one starts on the same weights, whatever Gradio's queue believes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import threading
@@ -17,11 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from kit.errors import JobCancelled, ModelUnavailable
+from kit import zerogpu
+from kit.errors import JobCancelled, KitError, ModelUnavailable
 from kit.families import ModelFamily, family_for_pipeline_class
-from kit.loading import resolve_family, resolve_source
+from kit.loading import BUILTIN_PREFIX, resolve_family, resolve_source
 from kit.presets import Preset
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 TEXT2IMAGE = "text2image"
 IMAGE2IMAGE = "image2image"
 GIB = 1024**3
+
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -77,6 +81,21 @@ def list_devices(setting: str | tuple[str, ...]) -> list[str]:
     return ["cuda:0"]
 
 
+def count_devices(setting: str | tuple[str, ...]) -> int:
+    """Return how many replicas ``memory.devices`` gives, without creating a CUDA context.
+
+    ``torch.cuda.device_count()`` reads the count from the driver and leaves torch's CUDA state
+    uninitialised, which Hugging Face ZeroGPU requires of the main process.
+    """
+    if isinstance(setting, tuple):
+        return len(setting)
+    if setting != "all":
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
 class ModelManager:
     """Owns every pipeline and captioner, their placement, their lock and their idle unload."""
 
@@ -98,6 +117,11 @@ class ModelManager:
         self._stopping = threading.Event()
         self.family: ModelFamily = resolve_family(preset.generator.model, preset.generator.family)
         self.last_plan_summary = "models load on first use"
+        self.zerogpu = zerogpu.is_active()
+        if self.zerogpu:
+            # spaces patches torch, so it must be imported before anything uses CUDA.
+            zerogpu.import_spaces()
+            logger.info("Hugging Face ZeroGPU detected: model calls run inside spaces.GPU")
 
     # -- replicas ---------------------------------------------------------------------------
 
@@ -113,11 +137,12 @@ class ModelManager:
 
     @property
     def replica_count(self) -> int:
+        """Number of replicas, known before any is created and without touching CUDA."""
+        if self._replicas is not None:
+            return len(self._replicas)
         if self._devices is not None:
             return len(self._devices)
-        if isinstance(self.preset.memory.devices, tuple):
-            return len(self.preset.memory.devices)
-        return len(self.replicas) if self._replicas is not None else 1
+        return count_devices(self.preset.memory.devices)
 
     @contextlib.contextmanager
     def acquire(
@@ -134,24 +159,47 @@ class ModelManager:
         left never loads or runs anything.
         """
         replica = self._take_replica(cancelled)
+        swapped = False
         try:
-            if need_generator and not replica.generator_loaded:
-                if on_loading:
-                    on_loading("generator")
-                self._load_generator(replica)
-            if need_captioner and replica.captioner is None:
-                if on_loading:
-                    on_loading("captioner")
-                self._load_captioner(replica)
+            self._ensure_loaded(replica, need_generator, need_captioner, on_loading)
+            if need_captioner and not need_generator:
+                swapped = self._swap_in_captioner(replica)
             yield replica
         finally:
-            replica.last_used = self._clock()
-            with self._condition:
-                replica.busy = False
-                self._condition.notify_all()
+            try:
+                if swapped:
+                    self._swap_out_captioner(replica)
+            finally:
+                self._release(replica)
 
-    def _take_replica(self, cancelled: threading.Event | None) -> Replica:
-        replicas = self.replicas
+    def preload(self, *, generator: bool = True, captioner: bool = False) -> None:
+        """Load the requested models on every replica, one replica at a time (for warm-up)."""
+        for replica in self.replicas:
+            self._take_replica(None, only=replica)
+            try:
+                self._ensure_loaded(replica, generator, captioner, None)
+            finally:
+                self._release(replica)
+
+    def _ensure_loaded(
+        self,
+        replica: Replica,
+        need_generator: bool,
+        need_captioner: bool,
+        on_loading: Callable[[str], None] | None,
+    ) -> None:
+        if need_generator and not replica.generator_loaded:
+            if on_loading:
+                on_loading("generator")
+            self._load_generator(replica)
+        if need_captioner and replica.captioner is None:
+            if on_loading:
+                on_loading("captioner")
+            self._load_captioner(replica)
+
+    def _take_replica(self, cancelled: threading.Event | None, only: Replica | None = None) -> Replica:
+        """Mark a free replica busy and return it; with ``only``, wait for that one replica."""
+        replicas = self.replicas if only is None else [only]
         with self._condition:
             while True:
                 if cancelled is not None and cancelled.is_set():
@@ -164,6 +212,12 @@ class ModelManager:
                     chosen.busy = True
                     return chosen
                 self._condition.wait(timeout=0.1)
+
+    def _release(self, replica: Replica) -> None:
+        replica.last_used = self._clock()
+        with self._condition:
+            replica.busy = False
+            self._condition.notify_all()
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -261,14 +315,31 @@ class ModelManager:
 
     # -- placement --------------------------------------------------------------------------
 
-    def _captioner_sizes(self, dtype_bytes: int) -> list[Any]:
-        from kit.memory import ComponentSize
+    def _captioner_sizes(self, replica: Replica) -> list[Any]:
+        """Size the describe model for a plan: none when describe is off, 0 bytes when unknown.
 
+        A loaded captioner is counted directly. Otherwise its configs are counted on the meta
+        device: the built folder for a ``builtin:`` model, the kit's architecture configs,
+        a local folder or the hub cache for the others. A model that cannot be sized this
+        way is logged and counted as 0 bytes, so the generator still loads.
+        """
+        from kit.memory import ComponentSize, component_sizes
+
+        if not self.preset.features.describe:
+            return []
+        if replica.captioner is not None:
+            model = replica.captioner[0]
+            return component_sizes({type(model).__name__: model}, None)
+        reference = self.preset.describe.model
         try:
-            from kit.architectures import meta_component_sizes
+            from kit.architectures import folder_component_sizes, meta_component_sizes
 
-            return meta_component_sizes(self.preset.describe.model, dtype_bytes)
-        except (ImportError, KeyError, ValueError):
+            if reference.startswith(BUILTIN_PREFIX):
+                folder = resolve_source(reference, self.models_dir, "config.json").path
+                return folder_component_sizes(Path(folder), None)
+            return meta_component_sizes(reference, None)
+        except (ImportError, KeyError, ValueError, OSError, KitError) as exc:
+            logger.warning("could not size describe model %s, so the memory plan counts it as 0 bytes: %s", reference, exc)
             return [ComponentSize("captioner", 0, 0)]
 
     def plan_for(self, replica: Replica, *, width: int, height: int, num_images: int) -> Any:
@@ -279,9 +350,11 @@ class ModelManager:
         # Weights already on the device count as free for this plan: they are what it places.
         if free is not None and replica.plan is not None and replica.plan.strategy.value == "gpu":
             free += replica.plan.weights_bytes
+        elif free is not None and self._captioner_on_device(replica):
+            free += _module_bytes(replica.captioner[0])
         return plan_placement(
             component_sizes(pipe, None),
-            self._captioner_sizes(4 if replica.device == "cpu" else 2),
+            self._captioner_sizes(replica),
             family=self.family,
             width=width,
             height=height,
@@ -311,6 +384,63 @@ class ModelManager:
         replica.plan = plan
         self.last_plan_summary = plan.one_line()
         logger.info("memory plan for %s:\n%s", replica.device, plan.summary())
+        if replica.captioner is not None and self._captioner_on_device(replica) != plan.captioner_on_gpu:
+            # A captioner loaded before this plan went to the device, so move it to the plan's placement.
+            self._move_captioner(replica, replica.device if plan.captioner_on_gpu else "cpu")
+
+    # -- captioner offload -------------------------------------------------------------------
+    # With captioner placement "offload", the captioner and the generator do not fit on the
+    # device together. The captioner stays in CPU memory and moves to the device only for a
+    # describe job. Under the "gpu" strategy the generator leaves the device meanwhile, and
+    # the offload strategies already keep it in CPU memory between jobs.
+
+    def _captioner_on_device(self, replica: Replica) -> bool:
+        if replica.captioner is None:
+            return False
+        return next(replica.captioner[0].parameters()).device.type != "cpu"
+
+    def _move_captioner(self, replica: Replica, device: str) -> None:
+        started = time.perf_counter()
+        model = replica.captioner[0]
+        model.to(device)
+        logger.info(
+            "moved captioner to %s in %.2f s: %.1f MiB", device, time.perf_counter() - started, _module_bytes(model) / 2**20
+        )
+
+    def _move_generator(self, replica: Replica, device: str) -> None:
+        started = time.perf_counter()
+        # The image-to-image pipeline shares these components, so it moves with them.
+        replica.pipelines[TEXT2IMAGE].to(device)
+        logger.info(
+            "moved generator to %s in %.2f s: %.1f MiB",
+            device,
+            time.perf_counter() - started,
+            pipeline_bytes(replica.pipelines[TEXT2IMAGE]) / 2**20,
+        )
+
+    def _generator_stays_on_device(self, replica: Replica) -> bool:
+        from kit.memory import Strategy
+
+        return replica.generator_loaded and replica.plan is not None and replica.plan.strategy is Strategy.GPU
+
+    def _swap_in_captioner(self, replica: Replica) -> bool:
+        """Make room for a describe job under an "offload" plan; return whether anything moved."""
+        if replica.captioner is None or replica.plan is None or replica.plan.captioner_placement != "offload":
+            return False
+        if self._generator_stays_on_device(replica):
+            self._move_generator(replica, "cpu")
+        self._move_captioner(replica, replica.device)
+        return True
+
+    def _swap_out_captioner(self, replica: Replica) -> None:
+        """Undo ``_swap_in_captioner`` after the describe job, so generation jobs find the plan's placement."""
+        try:
+            self._move_captioner(replica, "cpu")
+            if self._generator_stays_on_device(replica):
+                self._move_generator(replica, replica.device)
+        except Exception:  # the describe job itself succeeded; a reload restores a clean placement
+            logger.exception("moving models back after a describe job failed on %s", replica.device)
+            self.unload(replica, "models could not be moved back after a describe job")
 
     def degrade(self, replica: Replica) -> bool:
         """Move a replica to the next lower-memory strategy after an out-of-memory error.
@@ -332,9 +462,7 @@ class ModelManager:
         if lower is None or pipe is None:
             return False
         plan = replica.plan.with_strategy(lower, reason="lowered after an out-of-memory error")
-        for p in replica.pipelines.values():
-            if hasattr(p, "remove_all_hooks"):
-                p.remove_all_hooks()
+        _remove_offload_hooks(replica.pipelines)
         started = time.perf_counter()
         self._place(replica, plan)
         logger.warning(
@@ -346,6 +474,35 @@ class ModelManager:
         )
         return True
 
+    # -- running ------------------------------------------------------------------------------
+
+    def run_on_gpu(
+        self,
+        fn: Callable[[], Result],
+        *,
+        steps: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        duration_s: int | None = None,
+    ) -> Result:
+        """Call ``fn()``, inside ``spaces.GPU`` on Hugging Face ZeroGPU.
+
+        The duration requested from ZeroGPU is ``duration_s`` if given (capped like the
+        estimate), else estimated from the job's steps, width, height and number of images.
+        Off ZeroGPU this is a plain call.
+        """
+        if duration_s is None and None in (steps, width, height):
+            raise ValueError("run_on_gpu needs steps, width and height, or duration_s")
+        if not self.zerogpu:
+            return fn()
+        if duration_s is None:
+            duration = zerogpu.estimate_duration(self.family.name, steps, width, height, num_images)
+        else:
+            duration = min(duration_s, zerogpu.max_duration())
+        logger.info("requesting a ZeroGPU slot for %d s", duration)
+        return zerogpu.gpu_call(fn, duration)()
+
     # -- unloading ---------------------------------------------------------------------------
 
     def unload(self, replica: Replica, reason: str) -> None:
@@ -353,9 +510,9 @@ class ModelManager:
             return
         freed = replica.loaded_bytes
         started = time.perf_counter()
-        for pipe in replica.pipelines.values():
-            if hasattr(pipe, "remove_all_hooks"):
-                pipe.remove_all_hooks()
+        _remove_offload_hooks(replica.pipelines)
+        # No local name may still refer to a pipeline here, or release_cached_memory below
+        # would run while its weights are alive and hand nothing back.
         replica.pipelines = {}
         replica.captioner = None
         replica.plan = None
@@ -421,11 +578,42 @@ class ModelManager:
 
 
 def release_cached_memory() -> None:
+    """Free unreachable models and hand freed memory back to the device and the OS.
+
+    On the CPU, tensors below glibc's mmap threshold (128 KiB, raised up to 32 MiB as large
+    blocks are freed) live in malloc's heaps, and freeing them keeps their pages in the
+    process until ``malloc_trim`` returns them to the OS. Larger tensors are unmapped as soon
+    as they are freed.
+    """
     gc.collect()
     import torch
 
-    if torch.cuda.is_available():
+    # is_initialized, not is_available: emptying the cache must not create a CUDA context.
+    if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+    _trim_malloc_heaps()
+
+
+# glibc, loaded on the first release; False where the C library has no malloc_trim.
+_libc: Any = None
+
+
+def _trim_malloc_heaps() -> None:
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False  # not glibc (macOS, musl): nothing to trim
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+def _remove_offload_hooks(pipelines: dict[str, Any]) -> None:
+    for pipe in pipelines.values():
+        if hasattr(pipe, "remove_all_hooks"):
+            pipe.remove_all_hooks()
 
 
 def apply_plan(pipelines: dict[str, Any], plan: Any, device: str) -> None:

@@ -7,6 +7,7 @@ names the file, the key, the value received and what is allowed.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -139,6 +140,14 @@ class QueueSettings(_Section):
     # job on the same weights only contends for the same memory and compute.
     concurrency_per_replica: int = Field(default=1, ge=1, le=8)
     status_update_rate: float | Literal["auto"] = "auto"
+    # Compatible jobs (same size, steps, guidance and mode) that wait for the same replica run
+    # as one pipeline call of up to this many jobs. 1 turns batching off.
+    max_batch_size: int = Field(default=4, ge=1, le=64)
+    # Images in one batched call, across its jobs; caps the memory a batch can take.
+    max_batch_images: int = Field(default=8, ge=1, le=256)
+    # Extra milliseconds a job waits for compatible company when a replica is free. At 0 a job
+    # never waits: batches form only from jobs that queued behind a running call.
+    batch_window_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
 
 
 class MemorySettings(_Section):
@@ -148,6 +157,52 @@ class MemorySettings(_Section):
     warm_up: bool = False
     vae_tiling_pixels: int = Field(default=1536 * 1536, ge=64)
     headroom_fraction: float = Field(default=0.1, ge=0.0, lt=0.9)
+
+
+# Pillow warns above about 89 million pixels and raises at twice that, so the kit's own limit
+# stays below both and the visitor gets the kit's message.
+MAX_INPUT_PIXELS_CEILING = 8192 * 8192
+_HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*(:[0-9]{1,5})?$", re.IGNORECASE)
+
+
+class SecuritySettings(_Section):
+    # Access control is on when a users file or an API tokens file is named here, or when the
+    # KIT_USERS or KIT_API_TOKENS environment variable is set. Relative paths are read from
+    # the preset file's folder.
+    users_file: str | None = None
+    api_tokens_file: str | None = None
+    # Failed sign-ins allowed per client address per minute; 0 turns the limit off.
+    login_attempts_per_minute: int = Field(default=10, ge=0)
+    # Jobs (generate and describe) per identity: per minute, and queued or running at once.
+    # An identity is the signed-in user (or the user an API token belongs to), else the
+    # client address. 0 turns a limit off.
+    jobs_per_minute: int = Field(default=0, ge=0)
+    max_queued_per_identity: int = Field(default=0, ge=0)
+    # Prompts that contain one of these words or phrases (whole words, any case) are rejected.
+    blocked_terms: tuple[str, ...] = ()
+    max_upload_mb: float = Field(default=20.0, gt=0.0, le=1024.0)
+    # Largest visitor image in pixels (width x height), checked from the file header.
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, le=MAX_INPUT_PIXELS_CEILING)
+    # Hosts that API callers may give image URLs from: "images.example.com", "*.example.com",
+    # optionally with ":port". Empty means image URLs are rejected; data URLs always work.
+    url_allowlist: tuple[str, ...] = ()
+    url_fetch_timeout_seconds: float = Field(default=10.0, gt=0.0, le=120.0)
+    # Gradio deletes its temporary uploads and outputs older than this, checking as often.
+    # 0 keeps them until the server stops.
+    temp_max_age_seconds: int = Field(default=3600, ge=0)
+
+    @model_validator(mode="after")
+    def _entries(self) -> SecuritySettings:
+        for term in self.blocked_terms:
+            if not term.strip():
+                raise ValueError("blocked_terms contains an empty term; remove it")
+        for host in self.url_allowlist:
+            if not _HOST_PATTERN.match(host):
+                raise ValueError(
+                    f"url_allowlist entry {host!r} is not a host name; use a name such as "
+                    "'images.example.com', '*.example.com' or 'images.example.com:8443'"
+                )
+        return self
 
 
 class Preset(_Section):
@@ -160,6 +215,7 @@ class Preset(_Section):
     gallery: GallerySettings = GallerySettings()
     queue: QueueSettings = QueueSettings()
     memory: MemorySettings = MemorySettings()
+    security: SecuritySettings = SecuritySettings()
 
 
 def preset_names() -> list[str]:

@@ -24,7 +24,18 @@ class Services:
     describer: DescribeService
     gallery: GalleryStore
 
+    @property
+    def model_concurrency(self) -> int:
+        """Model jobs that Gradio may hand to the kit at once.
+
+        The model manager still runs one pipeline call per replica at a time; letting in
+        ``max_batch_size`` jobs per call is what gives the batch collector company to group.
+        """
+        per_replica = self.preset.queue.concurrency_per_replica * self.generator.max_batch_size
+        return self.models.replica_count * per_replica
+
     def close(self) -> None:
+        self.generator.close()
         self.models.close()
 
 
@@ -34,11 +45,9 @@ def build_services(preset: Preset, data_dir: Path, *, devices: list[str] | None 
     gallery = GalleryStore(data_dir).open()
 
     def save(result: GenerationResult, owner: str) -> list[str]:
-        ids = []
-        for index, image in enumerate(result.images):
-            entry = gallery.add(image, result_settings_for_entry(result, index), owner)
-            ids.append(entry.id)
-        return ids
+        # All of a job's images are saved or none are, so a failed save leaves no half job.
+        items = [(image, result_settings_for_entry(result, i)) for i, image in enumerate(result.images)]
+        return [entry.id for entry in gallery.add_many(items, owner)]
 
     generator = GeneratorService(preset, models, save=save if preset.features.gallery else None)
     describer = DescribeService(preset, models)

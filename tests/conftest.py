@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from kit.presets import PRESETS_DIR, Preset, parse_preset
+from kit.presets import Preset, parse_preset
 
 OUTSIDE_CONNECTIONS: list[Any] = []
 _original_connect = socket.socket.connect
@@ -77,9 +77,49 @@ def data_dir(tmp_path: Path, models_cache: Path) -> Path:
     return folder
 
 
+# The preset most tests start from: the shipped demo's shape with the tiny random-weight
+# models, which load in a fraction of a second. Tests of the trained demo models read
+# presets/demo.toml itself.
+TEST_PRESET = """
+name = "demo"
+
+[site]
+title = "Microsite Kit test site"
+description = "Tiny random-weight models."
+footer = "Built with Microsite Kit."
+examples = ["a red circle on a blue background", "a green square"]
+
+[generator]
+model = "builtin:tiny-sd"
+
+[generator.defaults]
+steps = 8
+guidance_scale = 5.0
+width = 128
+height = 128
+
+[generator.limits]
+min_size = 64
+max_size = 512
+max_steps = 200
+max_num_images = 4
+
+[describe]
+model = "builtin:tiny-blip"
+max_new_tokens = 12
+num_beams = 1
+
+[queue]
+max_size = 20
+
+[memory]
+idle_unload_seconds = 600
+"""
+
+
 def demo_preset(**overrides: Any) -> Preset:
-    """Return the shipped demo preset with some sections replaced, e.g. queue={"max_size": 2}."""
-    data = tomllib.loads((PRESETS_DIR / "demo.toml").read_text(encoding="utf-8"))
+    """Return the test preset with some sections replaced, e.g. queue={"max_size": 2}."""
+    data = tomllib.loads(TEST_PRESET)
     for section, values in overrides.items():
         if isinstance(values, dict):
             merged = dict(data.get(section, {}))

@@ -71,11 +71,11 @@ def test_app_starts_demo_without_gpu(app_process):
 
     from gradio_client import Client
 
-    _, record, _ = Client(url, verbose=False).predict(prompt="a red circle", seed=3, steps=2, api_name="/generate")
+    _, record, _ = Client(url, verbose=False).predict(prompt="a red circle", seed=3, api_name="/generate")
     assert record["seeds"] == [3]
     assert (data / "gallery.sqlite3").is_file()
     log = log_path.read_text(encoding="utf-8")
-    assert "loaded generator builtin:tiny-sd" in log
+    assert "loaded generator builtin:" in log
     assert "MiB of weights" in log
 
 

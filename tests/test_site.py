@@ -154,7 +154,7 @@ def test_cancel_stops_within_one_step(launch_site):
 
 
 def test_full_queue_gives_readable_error(launch_site):
-    site = launch_site(fast_preset(queue={"max_size": 2}))
+    site = launch_site(fast_preset(queue={"max_size": 2, "max_batch_size": 1}))
     clients = [site.client() for _ in range(4)]
     jobs = []
     for client in clients[:3]:
@@ -173,7 +173,7 @@ def test_full_queue_gives_readable_error(launch_site):
 
 
 def test_running_jobs_match_configured_concurrency(launch_site):
-    site = launch_site(fast_preset(queue={"concurrency_per_replica": 1}))
+    site = launch_site(fast_preset(queue={"concurrency_per_replica": 1, "max_batch_size": 1}))
     site.client().predict(prompt="load", steps=1, width=64, height=64, api_name="/generate")
     replica = site.services.models.replicas[0]
     unet = replica.pipelines["text2image"].unet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +11,10 @@ import gradio as gr
 
 from kit.errors import InvalidRequest, JobCancelled
 from kit.generate import MAX_SEED, GenerationJob
+from kit.security import admit_job
 from kit.services import Services
 from kit.ui.common import MODEL_CONCURRENCY_ID, owner_for, visitor_errors
+from kit.ui.settings import REUSED_SETTINGS, describe_settings, reusable_settings, settings_from_png
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,9 @@ API_PARAMETERS = (
     "init_image",
     "strength",
 )
+# Captions of live previews start with this, so Stop can tell a preview from a finished result.
+PREVIEW_CAPTION = "Preview"
+STOPPED_STATUS = "Stopped. Nothing was saved."
 
 
 @dataclass
@@ -38,6 +44,12 @@ class GeneratorPanel:
     gallery: gr.Gallery
     record: gr.JSON
     status: gr.Markdown
+    image_to_image: gr.Accordion
+    # Shown when an uploaded source image carries settings saved by this kit.
+    offer: gr.Group
+    offer_text: gr.Markdown
+    offer_button: gr.Button
+    offer_settings: gr.State
 
 
 def build_generator_panel(services: Services) -> GeneratorPanel:
@@ -46,28 +58,35 @@ def build_generator_panel(services: Services) -> GeneratorPanel:
     shown = set(preset.generator.visitor_parameters)
     multiple = services.models.family.size_multiple
 
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=3):
+    with gr.Row(equal_height=False, elem_id="generator"):
+        with gr.Column(scale=5, min_width=280):
+            # One line to start with, so that Enter submits (Shift+Enter adds a line); it grows as text wraps.
             prompt = gr.Textbox(
                 label="Prompt",
                 placeholder="Describe the image you want, then press Enter",
-                lines=2,
+                lines=1,
                 max_lines=6,
                 max_length=lim.max_prompt_chars,
                 elem_id="prompt",
             )
-            with gr.Row():
-                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Row(elem_id="generate-buttons"):
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3, min_width=120)
+                stop_button = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
             if preset.site.examples:
-                gr.Examples(examples=[[e] for e in preset.site.examples], inputs=[prompt], label="Try an example")
-            with gr.Accordion("Advanced settings", open=False):
+                gr.Examples(
+                    examples=[[e] for e in preset.site.examples],
+                    inputs=[prompt],
+                    label="Try an example (click to fill the prompt)",
+                    elem_id="examples",
+                )
+            with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
                 negative_prompt = gr.Textbox(
                     label="Negative prompt",
                     value=d.negative_prompt,
                     placeholder="What the image should not contain",
                     max_length=lim.max_prompt_chars,
                     visible="negative_prompt" in shown,
+                    elem_id="negative-prompt",
                 )
                 seed = gr.Number(
                     label="Seed (-1 picks one)",
@@ -76,41 +95,71 @@ def build_generator_panel(services: Services) -> GeneratorPanel:
                     minimum=-1,
                     maximum=MAX_SEED,
                     visible="seed" in shown,
+                    elem_id="seed",
                 )
                 with gr.Row():
-                    steps = gr.Slider(
-                        lim.min_steps, lim.max_steps, value=d.steps, step=1, label="Steps", visible="steps" in shown
+                    steps = _slider(
+                        lim.min_steps, lim.max_steps, value=d.steps, step=1, label="Steps", visible="steps" in shown,
+                        elem_id="steps", min_width=160,
                     )
-                    guidance_scale = gr.Slider(
+                    guidance_scale = _slider(
                         0.0,
                         lim.max_guidance_scale,
                         value=d.guidance_scale,
                         step=0.5,
                         label="Guidance scale",
                         visible="guidance_scale" in shown and lim.max_guidance_scale > 0,
+                        elem_id="guidance-scale",
+                        min_width=160,
                     )
                 with gr.Row():
-                    width = gr.Slider(
-                        lim.min_size, lim.max_size, value=d.width, step=multiple, label="Width", visible="width" in shown
+                    width = _slider(
+                        lim.min_size, lim.max_size, value=d.width, step=multiple, label="Width (pixels)",
+                        visible="width" in shown, elem_id="width", min_width=160,
                     )
-                    height = gr.Slider(
-                        lim.min_size, lim.max_size, value=d.height, step=multiple, label="Height", visible="height" in shown
+                    height = _slider(
+                        lim.min_size, lim.max_size, value=d.height, step=multiple, label="Height (pixels)",
+                        visible="height" in shown, elem_id="height", min_width=160,
                     )
-                num_images = gr.Slider(
-                    1, lim.max_num_images, value=d.num_images, step=1, label="Images", visible="num_images" in shown
+                num_images = _slider(
+                    1, lim.max_num_images, value=d.num_images, step=1, label="Images per job",
+                    visible="num_images" in shown, elem_id="num-images",
                 )
-            with gr.Accordion("Start from an image", open=False, visible="init_image" in shown):
-                init_image = gr.Image(label="Source image (optional)", type="filepath", sources=["upload", "clipboard"])
+            with gr.Accordion("Start from an image", open=False, visible="init_image" in shown, elem_id="image-to-image") as image_to_image:
+                init_image = gr.Image(
+                    label="Source image (optional)",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    elem_id="init-image",
+                    height=240,
+                )
+                with gr.Group(visible=False, elem_id="settings-offer") as offer:
+                    offer_text = gr.Markdown("")
+                    offer_button = gr.Button(
+                        "Reuse its settings", variant="primary", size="sm", elem_id="reuse-image-settings"
+                    )
                 strength = gr.Slider(
-                    0.05, 1.0, value=d.strength, step=0.05, label="Strength (how much to change it)"
+                    0.05, 1.0, value=d.strength, step=0.05, label="Strength (how much to change the source image)",
+                    elem_id="strength",
                 )
-        with gr.Column(scale=4):
-            status = gr.Markdown("", label="status", elem_id="status")
-            gallery = gr.Gallery(
-                label="Result", columns=2, height="auto", format="png", elem_id="result", buttons=["download", "fullscreen"]
+        with gr.Column(scale=6, min_width=280):
+            status = gr.Markdown(
+                "Results appear below, with a live preview while they are made. "
+                "When the site is busy, your place in the queue shows there too.",
+                elem_id="status",
             )
-            with gr.Accordion("Details", open=False):
-                record = gr.JSON(label="Seeds and settings")
+            gallery = gr.Gallery(
+                label="Result",
+                columns=2,
+                height="auto",
+                format="png",
+                object_fit="contain",
+                interactive=False,
+                elem_id="result",
+                buttons=["download", "fullscreen"],
+            )
+            with gr.Accordion("Seeds and settings", open=False, elem_id="details"):
+                record = gr.JSON(label="Seeds and settings", show_label=False, elem_id="record")
 
     inputs = {
         "prompt": prompt,
@@ -124,19 +173,31 @@ def build_generator_panel(services: Services) -> GeneratorPanel:
         "init_image": init_image,
         "strength": strength,
     }
-    return GeneratorPanel(inputs, generate_button, stop_button, gallery, record, status)
+    return GeneratorPanel(
+        inputs, generate_button, stop_button, gallery, record, status, image_to_image,
+        offer, offer_text, offer_button, gr.State(None),
+    )
+
+
+def _slider(minimum: float, maximum: float, *, value: float, step: float, visible: bool, **kwargs: Any) -> gr.Slider:
+    """Return a slider, hidden when the preset fixes the value (Gradio rejects a slider whose minimum equals its maximum)."""
+    if minimum >= maximum:
+        return gr.Slider(minimum, minimum + step, value=minimum, step=step, visible=False, **kwargs)
+    return gr.Slider(minimum, maximum, value=value, step=step, visible=visible, **kwargs)
 
 
 def make_handlers(services: Services):
     """Return (validator, handler) for the generate event, closed over the services."""
 
     def validate(
-        prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images, init_image, strength, browser_id
+        prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images, init_image, strength, browser_id,
+        request: gr.Request = None,
     ):
         values = dict(zip(API_PARAMETERS, (prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images, init_image, strength)))
         results = [gr.validate(True, "") for _ in (*API_PARAMETERS, "browser_id")]
         try:
-            services.generator.check(values)
+            checked = services.generator.check(values)
+            admit_job(services, request, prompt=checked.prompt)
         except InvalidRequest as exc:
             index = API_PARAMETERS.index(exc.parameter) if exc.parameter in API_PARAMETERS else 0
             results[index] = gr.validate(False, exc.message)
@@ -168,13 +229,31 @@ def make_handlers(services: Services):
         with visitor_errors():
             generation_request = services.generator.check(values)
             job = services.generator.start(generation_request, owner)
+        timer = StepTimer()
+        waiting_since: float | None = None
+        showing_preview = False
         try:
             for update in job.progress():
-                status = _status_text(update, progress)
+                status = _status_text(update, progress, timer)
+                if update is not None:
+                    waiting_since = time.monotonic() if update.kind == "waiting" else None
+                elif waiting_since is not None:
+                    status = _waiting_text(time.monotonic() - waiting_since)
+                preview = _preview_item(update, generation_request.prompt)
+                showing_preview = showing_preview or preview is not None
                 # Yielding often is what lets Gradio close this generator on cancel.
-                yield gr.skip(), gr.skip(), status if status is not None else gr.skip()
-            with visitor_errors():
-                result = job.wait()
+                yield (
+                    preview if preview is not None else gr.skip(),
+                    gr.skip(),
+                    status if status is not None else gr.skip(),
+                )
+            try:
+                with visitor_errors():
+                    result = job.wait()
+            except gr.Error as exc:
+                # The status line gives the reason the job ended, and a preview must not pass for a result.
+                yield None if showing_preview else gr.skip(), gr.skip(), f"**Not finished.** {exc.message}"
+                raise
         except GeneratorExit:
             job.cancel()
             raise
@@ -192,32 +271,102 @@ def make_handlers(services: Services):
     return validate, generate
 
 
-def _status_text(update: Any, progress: gr.Progress) -> str | None:
+class StepTimer:
+    """Estimate the seconds left in a job from the pace of the denoising steps seen so far."""
+
+    def __init__(self, clock: Any = time.monotonic):
+        self._clock = clock
+        self._anchor: tuple[float, int] | None = None
+
+    def seconds_left(self, step: int, total: int) -> float | None:
+        now = self._clock()
+        # Step 0 arrives before the text encoders run, so the pace is measured from step 1 on.
+        if step < 1:
+            return None
+        if self._anchor is None or step < self._anchor[1]:
+            self._anchor = (now, step)
+            return None
+        started, first_step = self._anchor
+        if step == first_step:
+            return None
+        per_step = (now - started) / (step - first_step)
+        return per_step * max(0, total - step)
+
+
+def _status_text(update: Any, progress: gr.Progress, timer: StepTimer) -> str | None:
     if update is None:
         return None
     if update.kind == "waiting":
         return "Waiting for the model..."
     if update.kind == "loading":
         progress(None, desc=f"Loading the {update.detail} model")
-        return f"Loading the {update.detail} model. The first job after a quiet spell takes longer."
+        return (
+            f"**Loading the {update.detail} model.** The first job after the site has been idle waits for this; "
+            "later jobs start at once."
+        )
     if update.kind == "step":
-        if update.total:
-            progress((update.step, update.total), desc="Denoising", unit="steps")
-        return f"Step {update.step} of {update.total}"
+        if not update.total:
+            return None
+        progress((update.step, update.total), desc="Denoising", unit="steps")
+        text = f"Denoising: step {update.step} of {update.total}"
+        left = timer.seconds_left(update.step, update.total)
+        if left is not None and update.step < update.total:
+            text += f", about {_duration(left)} left"
+        return text + "."
     if update.kind == "saving":
         return "Saving to your gallery..."
+    if update.kind == "cancelled":
+        return STOPPED_STATUS
     return None
 
 
+def _waiting_text(seconds: float) -> str:
+    if seconds < 1:
+        return "Waiting for the model..."
+    return f"Waiting for the model, which is busy with other jobs (waited {_duration(seconds)} so far)."
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "1 s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min"
+
+
+def image_caption(prompt: str, seed: int | None = None) -> str:
+    """Return the caption (and so the alt text) of a result or gallery image: its prompt, cut short."""
+    text = " ".join(str(prompt).split())
+    if len(text) > 100:
+        text = text[:99] + "…"
+    if not text:
+        text = "Generated image"
+    return f"{text} (seed {seed})" if seed is not None else text
+
+
+def _preview_item(update: Any, prompt: str) -> list[tuple[Any, str]] | None:
+    if update is None or getattr(update, "preview", None) is None:
+        return None
+    caption = f"{PREVIEW_CAPTION} at step {update.step} of {update.total}: {image_caption(prompt)}"
+    return [(update.preview, caption)]
+
+
 def _result_images(services: Services, result: Any) -> list[tuple[Any, str]]:
-    captions = [f"seed {s}" for s in result.seeds]
+    prompt = result.settings.get("prompt", "")
+    captions = [image_caption(prompt, s) for s in result.seeds]
     if result.entry_ids:
         entries = [services.gallery.get(entry_id, owner="*") for entry_id in result.entry_ids]
         return [(str(e.path), c) for e, c in zip(entries, captions)]
     return list(zip(result.images, captions))
 
 
+def _is_preview(item: Any) -> bool:
+    caption = item[1] if isinstance(item, tuple | list) and len(item) > 1 else None
+    return isinstance(caption, str) and caption.startswith(PREVIEW_CAPTION)
+
+
 def wire_generator(panel: GeneratorPanel, services: Services, browser_state: gr.State, concurrency_limit: int):
+    """Wire Generate, Enter in the prompt, Stop and the source-image settings offer; return the two generate events."""
     validate, generate = make_handlers(services)
     inputs = [panel.inputs[name] for name in API_PARAMETERS] + [browser_state]
     outputs = [panel.gallery, panel.record, panel.status]
@@ -233,14 +382,73 @@ def wire_generator(panel: GeneratorPanel, services: Services, browser_state: gr.
     )
     click_event = panel.generate_button.click(api_name="generate", **common)
     submit_event = panel.inputs["prompt"].submit(api_name="generate_on_enter", api_visibility="private", **common)
+
+    def stop(current: list | None):
+        # A live preview of a stopped job would look like a result; a finished result stays.
+        if current and all(_is_preview(item) for item in current):
+            return None, STOPPED_STATUS
+        return gr.skip(), STOPPED_STATUS
+
     panel.stop_button.click(
-        fn=lambda: "Stopped.",
-        outputs=[panel.status],
+        fn=stop,
+        inputs=[panel.gallery],
+        outputs=[panel.gallery, panel.status],
         cancels=[click_event, submit_event],
         queue=False,
         api_visibility="private",
     )
+    wire_settings_offer(panel, services)
     return click_event, submit_event
 
 
-__all__ = ["API_PARAMETERS", "GeneratorPanel", "build_generator_panel", "wire_generator", "JobCancelled"]
+# NOTE: Gradio 6.31 shows gr.Info, gr.Warning and gr.Error toasts only for queued events. The
+# settings and gallery buttons run unqueued, so that they keep working while the queue is full,
+# and report back in a Markdown line (the status line, or one next to the button) instead.
+def wire_settings_offer(panel: GeneratorPanel, services: Services) -> None:
+    """Offer the settings saved in an uploaded source image, when it is a PNG from this kit."""
+    init_image = panel.inputs["init_image"]
+    offer_outputs = [panel.offer, panel.offer_text, panel.offer_settings]
+    private = dict(queue=False, api_visibility="private")
+
+    def offer(path: str | None):
+        parameters = settings_from_png(path) if path else None
+        if not parameters:
+            return gr.Group(visible=False), "", None
+        text = f"This image carries the settings it was made with: {describe_settings(parameters)}."
+        return gr.Group(visible=True), text, parameters
+
+    def hide_offer():
+        return gr.Group(visible=False), "", None
+
+    init_image.upload(offer, inputs=[init_image], outputs=offer_outputs, **private)
+    init_image.clear(hide_offer, outputs=offer_outputs, **private)
+
+    def reuse(parameters: dict | None):
+        if not parameters:
+            return (*(gr.skip() for _ in REUSED_SETTINGS), *hide_offer(), gr.skip())
+        values, note = reuse_updates(parameters, services)
+        return (*values, *hide_offer(), reuse_status("Settings copied from the source image", parameters, note))
+
+    panel.offer_button.click(
+        reuse,
+        inputs=[panel.offer_settings],
+        outputs=[*(panel.inputs[name] for name in REUSED_SETTINGS), *offer_outputs, panel.status],
+        **private,
+    )
+
+
+def reuse_updates(parameters: dict[str, Any], services: Services) -> tuple[list[Any], str]:
+    """Return one value (or ``gr.skip()``) per reused control, and a sentence on values that were adjusted."""
+    values, notes = reusable_settings(parameters, services.preset)
+    updates = [values[name] if name in values else gr.skip() for name in REUSED_SETTINGS]
+    note = ("Adjusted to this site's limits: " + "; ".join(notes) + ".") if notes else ""
+    return updates, note
+
+
+def reuse_status(action: str, parameters: dict[str, Any], note: str = "") -> str:
+    """Return the status line shown after settings were copied into the generator."""
+    text = f"**{action}:** {describe_settings(parameters)}. Press Generate to make it."
+    return f"{text} {note}" if note else text
+
+
+__all__ = ["API_PARAMETERS", "GeneratorPanel", "build_generator_panel", "image_caption", "reuse_status", "reuse_updates", "wire_generator", "JobCancelled"]

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench`` measures the kit against a plain Gradio app."""
