@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     services.models.start()
     if services.models.zerogpu:
         # On ZeroGPU each job runs in a forked worker, so the weights must be loaded before
-        # the first one; loading inside the worker would repeat it for every job.
+        # the first job. Loading inside the worker would repeat the load for every job.
         from kit.warmup import warm_up
 
         warm_up(services)

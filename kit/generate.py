@@ -1,7 +1,7 @@
 """Text-to-image and image-to-image jobs: check the request, run it, stop it on cancel.
 
 The Gradio event handler calls ``check_inputs`` before the job is queued, then ``start``.
-The pipeline runs in a worker thread that holds a model replica; the handler reads
+The pipeline runs in a worker thread that has taken a model replica. The handler reads
 progress from the returned ``GenerationJob`` and calls ``cancel()`` when its visitor leaves.
 ``callback_on_step_end`` turns the cancel flag into ``pipe._interrupt``, so a cancelled run
 stops within one denoising step and saves nothing.
@@ -247,7 +247,7 @@ class Progress:
 
 
 class GenerationJob:
-    """One running job, as its Gradio handler sees it: progress updates, result, cancel."""
+    """One job as its Gradio handler uses it: progress updates, the result, and cancel."""
 
     def __init__(self, request: GenerationRequest, owner: str, save: bool = True):
         self.request = request
@@ -370,6 +370,7 @@ class GeneratorService:
         except JobCancelled as exc:
             for job in jobs:
                 job.error = exc
+                logger.info("job stopped after cancel; %d step(s) ran after the cancel", job.steps_after_cancel)
         except KitError as exc:
             logger.warning("job failed: %s", exc)
             for job in jobs:

@@ -1,7 +1,10 @@
 """Resolve a preset's model reference to something ``from_pretrained`` can open.
 
-References are a hub id (``org/name``), a local folder, or ``builtin:NAME`` for the tiny
-models that the kit builds itself under the data folder. Offline mode is decided up front:
+References are a hub id (``org/name``), a local folder, or ``builtin:NAME``. A built-in name is
+either a folder shipped in the repository's ``models/`` folder (the trained demo models,
+``builtin:demo-sd`` and ``builtin:demo-blip``) or one of the tiny random-weight models that
+the kit builds itself under the data folder (``builtin:tiny-sd`` and the others in
+``kit.tiny.BUILDERS``). Offline mode is decided up front:
 a hub model that is not cached fails in seconds with the command that downloads it, instead
 of retrying for minutes.
 """
@@ -20,6 +23,8 @@ from kit.families import FAMILIES, ModelFamily, family_for_pipeline_class
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+# Trained models that ship with the repository, one folder per built-in name (tools/train_demo.py).
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 # Seconds to wait for the hub when a model is missing from the cache and the hub may be reachable.
 HUB_PROBE_TIMEOUT = 5.0
 
@@ -47,13 +52,7 @@ def resolve_source(reference: str, models_dir: Path, marker_file: str) -> ModelS
     diffusers pipeline, ``config.json`` for a transformers model).
     """
     if reference.startswith(BUILTIN_PREFIX):
-        from kit.tiny import ensure_tiny_model
-
-        name = reference[len(BUILTIN_PREFIX) :]
-        try:
-            path = ensure_tiny_model(name, models_dir)
-        except ValueError as exc:
-            raise ModelUnavailable(str(exc)) from None
+        path = builtin_folder(reference[len(BUILTIN_PREFIX) :], models_dir, marker_file)
         return ModelSource(reference, str(path), True)
 
     local = Path(reference).expanduser()
@@ -76,6 +75,41 @@ def resolve_source(reference: str, models_dir: Path, marker_file: str) -> ModelS
         )
     _probe_hub(reference)
     return ModelSource(reference, reference, False)
+
+
+def shipped_names(marker_file: str | None = None) -> list[str]:
+    """Return the names of the model folders shipped in ``models/``, optionally only those with ``marker_file``."""
+    if not SHIPPED_MODELS_DIR.is_dir():
+        return []
+    return sorted(
+        folder.name
+        for folder in SHIPPED_MODELS_DIR.iterdir()
+        if folder.is_dir() and (marker_file is None or (folder / marker_file).is_file())
+    )
+
+
+def builtin_folder(name: str, models_dir: Path, marker_file: str | None = None) -> Path:
+    """Return the folder of a built-in model: the shipped copy in ``models/``, else a tiny model built in ``models_dir``.
+
+    ``marker_file`` is the file the caller needs in the folder; without it, either a
+    ``model_index.json`` or a ``config.json`` marks a shipped folder. Raises ModelUnavailable
+    for a name that is neither shipped nor a tiny model.
+    """
+    shipped = SHIPPED_MODELS_DIR / name
+    markers = (marker_file,) if marker_file else ("model_index.json", "config.json")
+    if any((shipped / marker).is_file() for marker in markers):
+        return shipped
+    from kit.tiny import BUILDERS, ensure_tiny_model
+
+    if name in BUILDERS:
+        return ensure_tiny_model(name, models_dir)
+    if shipped.is_dir():
+        raise ModelUnavailable(
+            f"built-in model folder {shipped} has no {' or '.join(markers)}: it is a different kind of model "
+            "or an incomplete copy. The demo models are rebuilt with `python tools/train_demo.py`."
+        )
+    known = [*shipped_names(marker_file), *BUILDERS]
+    raise ModelUnavailable(f"unknown built-in model {name!r}; expected one of {', '.join(known)}")
 
 
 def _probe_hub(model_id: str) -> None:
@@ -113,7 +147,11 @@ def resolve_family(reference: str, family: str) -> ModelFamily:
     if family != "auto":
         return FAMILIES[family]
     if reference.startswith(BUILTIN_PREFIX):
-        return FAMILIES[_BUILTIN_FAMILIES.get(reference[len(BUILTIN_PREFIX) :], "sd")]
+        name = reference[len(BUILTIN_PREFIX) :]
+        shipped = SHIPPED_MODELS_DIR / name
+        if shipped.is_dir():
+            return family_from_folder(shipped) or FAMILIES["sd"]
+        return FAMILIES[_BUILTIN_FAMILIES.get(name, "sd")]
     local = Path(reference).expanduser()
     if local.is_dir():
         return family_from_folder(local) or FAMILIES["sd"]

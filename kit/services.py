@@ -28,8 +28,8 @@ class Services:
     def model_concurrency(self) -> int:
         """Model jobs that Gradio may hand to the kit at once.
 
-        The model manager still runs one pipeline call per replica at a time; letting in
-        ``max_batch_size`` jobs per call is what gives the batch collector company to group.
+        The model manager still runs one pipeline call per replica at a time. Letting in
+        ``max_batch_size`` jobs per call gives the batch collector jobs to group.
         """
         per_replica = self.preset.queue.concurrency_per_replica * self.generator.max_batch_size
         return self.models.replica_count * per_replica

@@ -10,6 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("GRADIO_SERVER_NAME", "127.0.0.1")
+# The tiny test models gain nothing from a second thread, and on a shared machine two
+# OpenMP threads that wait for each other run many times slower than one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import ipaddress
 import shutil

@@ -27,7 +27,14 @@ def build_describe_panel() -> DescribePanel:
     with gr.Row(equal_height=False):
         with gr.Column(min_width=280):
             image = gr.Image(
-                label="Image to describe", type="filepath", sources=["upload", "clipboard"], elem_id="describe-image", height=320
+                label="Image to describe",
+                type="filepath",
+                sources=["upload", "clipboard"],
+                elem_id="describe-image",
+                height=320,
+                # Without image_mode=None Gradio decodes and converts every upload in full before
+                # the kit's header check can reject an oversized one.
+                image_mode=None,
             )
             describe_button = gr.Button("Describe", variant="primary", elem_id="describe")
         with gr.Column(min_width=280):

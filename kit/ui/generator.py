@@ -132,6 +132,7 @@ def build_generator_panel(services: Services) -> GeneratorPanel:
                     sources=["upload", "clipboard"],
                     elem_id="init-image",
                     height=240,
+                    image_mode=None,  # leave decoding to the kit's checked loader
                 )
                 with gr.Group(visible=False, elem_id="settings-offer") as offer:
                     offer_text = gr.Markdown("")
