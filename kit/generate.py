@@ -239,7 +239,7 @@ def image_seeds(seed: int, count: int) -> list[int]:
 
 @dataclass
 class Progress:
-    kind: str  # "waiting", "loading", "step", "saving", "cancelled"
+    kind: str  # "waiting", "loading", "step", "saving", "cancelled", "done"
     step: int = 0
     total: int = 0
     detail: str = ""
@@ -283,10 +283,14 @@ class GenerationJob:
         """
         while True:
             try:
-                yield self.updates.get(timeout=poll_seconds)
-                continue
+                update = self.updates.get(timeout=poll_seconds)
             except queue.Empty:
-                pass
+                update = None
+            if update is not None and update.kind == "done":
+                return
+            if update is not None:
+                yield update
+                continue
             if self.finished.is_set() and self.updates.empty():
                 return
             yield None
@@ -391,6 +395,8 @@ class GeneratorService:
                 job.error = exc
             finally:
                 job.finished.set()
+                # Wakes the handler's progress loop at once instead of at its next poll.
+                job.updates.put(Progress("done"))
 
     def _finish(self, job: GenerationJob, result: GenerationResult | None, started: float) -> None:
         if job.cancelled.is_set() or result is None:
