@@ -5,7 +5,10 @@ for a free model replica, then takes the oldest pending job together with every 
 job that arrived meanwhile (same mode, size, steps, guidance and strength), up to the
 preset's ``max_batch_size``. Under light load a job never waits for company: it runs as soon
 as a replica is free. Under heavy load, jobs that queued behind a running batch form the
-next one, so the GPU works on many visitors' images per call.
+next one, so the GPU works on many visitors' images per call. With the automatic window, a
+free replica that has just run a batch of several jobs waits a moment for those visitors'
+next jobs, which arrive a few at a time as the results reach them. Without the window, the
+first to arrive would run alone and the rest would wait behind it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+# The automatic window: this share of the last call's duration, at most AUTO_WINDOW_MAX
+# seconds. It ends early once as many compatible jobs wait as the last call ran.
+AUTO_WINDOW_FRACTION = 0.5
+AUTO_WINDOW_MAX = 0.5
 
 
 def batch_key(request: Any) -> tuple[Any, ...]:
@@ -51,13 +59,17 @@ class BatchCollector:
         slots: int,
         max_batch_size: int,
         max_images: int,
-        window_seconds: float = 0.0,
+        window_seconds: float | None = 0.0,
     ):
+        """``window_seconds=None`` selects the automatic window (see the module docstring)."""
         self._run_batch = run_batch
         self._slots = threading.BoundedSemaphore(max(1, slots))
         self.max_batch_size = max(1, max_batch_size)
         self.max_images = max(1, max_images)
         self.window_seconds = window_seconds
+        # Size and duration of the last call, for the automatic window.
+        self._last_jobs = 0
+        self._last_seconds = 0.0
         self._pending: list[Any] = []
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -111,9 +123,13 @@ class BatchCollector:
             self._drop_cancelled()
             if not self._pending:
                 return []
-            if self.window_seconds > 0 and self.max_batch_size > 1:
-                deadline = time.monotonic() + self.window_seconds
-                while len(self._compatible()) < self.max_batch_size:
+            window = self.current_window()
+            if window > 0 and self.max_batch_size > 1:
+                deadline = time.monotonic() + window
+                # The automatic window expects the last call's visitors back, not a full batch,
+                # so a site with fewer visitors than max_batch_size does not wait out every window.
+                target = self.max_batch_size if self.window_seconds is not None else min(self.max_batch_size, self._last_jobs)
+                while not self._batch_full(self._compatible(), target):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -126,6 +142,18 @@ class BatchCollector:
                 self._pending.remove(job)
                 job.on_cancel = None
             return batch
+
+    def current_window(self) -> float:
+        """Seconds a free replica waits for more compatible jobs before it starts a call."""
+        if self.window_seconds is not None:
+            return self.window_seconds
+        if self._last_jobs < 2:
+            return 0.0
+        return min(AUTO_WINDOW_MAX, AUTO_WINDOW_FRACTION * self._last_seconds)
+
+    def _batch_full(self, batch: list[Any], target: int) -> bool:
+        images = sum(job.request.num_images for job in batch)
+        return len(batch) >= target or images >= self.max_images
 
     def _compatible(self) -> list[Any]:
         first = self._pending[0]
@@ -147,9 +175,13 @@ class BatchCollector:
             job.finish_cancelled()
 
     def _run(self, batch: list[Any]) -> None:
+        started = time.monotonic()
         try:
             if len(batch) > 1:
                 logger.debug("running a batch of %d jobs", len(batch))
             self._run_batch(batch)
         finally:
+            with self._condition:
+                self._last_jobs = len(batch)
+                self._last_seconds = time.monotonic() - started
             self._slots.release()

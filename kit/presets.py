@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kit.errors import PresetError
 
@@ -145,9 +145,19 @@ class QueueSettings(_Section):
     max_batch_size: int = Field(default=4, ge=1, le=64)
     # Images in one batched call, across its jobs; caps the memory a batch can take.
     max_batch_images: int = Field(default=8, ge=1, le=256)
-    # Extra milliseconds a job waits for compatible company when a replica is free. At 0 a job
-    # never waits: batches form only from jobs that queued behind a running call.
-    batch_window_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
+    # Milliseconds a job waits for compatible company when a replica is free. At 0 a job never
+    # waits: batches form only from jobs that queued behind a running call. "auto" waits only
+    # while the site is busy (the last call ran several jobs), until as many jobs wait as that
+    # call ran or for half its time, at most 500 ms. So visitors who resubmit as their results
+    # arrive share the next call.
+    batch_window_ms: float | Literal["auto"] = "auto"
+
+    @field_validator("batch_window_ms")
+    @classmethod
+    def _window_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 <= float(value) <= 1000.0:
+            raise ValueError(f'batch_window_ms must be "auto" or between 0 and 1000, got {value}')
+        return value
 
 
 class MemorySettings(_Section):

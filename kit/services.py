@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kit.cancels import CancelHooks
 from kit.describe import DescribeService
 from kit.gallery import GalleryStore
 from kit.generate import GenerationResult, GeneratorService, result_settings_for_entry
@@ -23,15 +24,18 @@ class Services:
     generator: GeneratorService
     describer: DescribeService
     gallery: GalleryStore
+    cancel_hooks: CancelHooks = field(default_factory=CancelHooks)
 
     @property
     def model_concurrency(self) -> int:
         """Model jobs that Gradio may hand to the kit at once.
 
-        The model manager still runs one pipeline call per replica at a time. Letting in
-        ``max_batch_size`` jobs per call gives the batch collector jobs to group.
+        The model manager still runs one pipeline call per replica at a time. Twice
+        ``max_batch_size`` jobs per call are let in: one batch on the model and the next one
+        already waiting, so the model starts it the moment the last call ends instead of
+        idling while Gradio sends that call's results and admits new jobs.
         """
-        per_replica = self.preset.queue.concurrency_per_replica * self.generator.max_batch_size
+        per_replica = self.preset.queue.concurrency_per_replica * self.generator.max_batch_size * 2
         return self.models.replica_count * per_replica
 
     def close(self) -> None:

@@ -253,9 +253,12 @@ def security_options(services: Services) -> dict[str, Any]:
 
     guard = guard_for(services)
     settings = services.preset.security
-    app_kwargs: dict[str, Any] = {"middleware": [Middleware(SiteGuardMiddleware, guard=guard)]}
+    app_kwargs: dict[str, Any] = {"middleware": [Middleware(SiteGuardMiddleware, guard=guard, cancel_hooks=services.cancel_hooks)]}
     if settings.temp_max_age_seconds:
         app_kwargs["lifespan"] = temp_cleanup_lifespan(settings.temp_max_age_seconds)
+    # Gallery images are served from where the gallery wrote them, not copied into Gradio's
+    # cache first. Gradio keeps one list of static folders per process, and adds to it.
+    gr.set_static_paths([services.gallery.images_dir])
     options: dict[str, Any] = {
         # Only the gallery images are served from disk, besides Gradio's own temporary folder.
         "allowed_paths": [str(services.gallery.images_dir)],

@@ -165,7 +165,7 @@ def test_cancel_while_waiting_never_runs(make_services):
 
 def test_site_lets_in_a_batch_of_jobs(launch_site):
     site = launch_site(batching_preset())
-    assert site.services.model_concurrency == 4
+    assert site.services.model_concurrency == 8  # a batch of 4 running and the next 4 waiting
     client = site.client()
     client.predict(prompt="load", steps=1, width=64, height=64, api_name="/generate")
     sizes, handle = record_batch_sizes(site.services)
@@ -181,3 +181,58 @@ def test_site_lets_in_a_batch_of_jobs(launch_site):
         handle.remove()
     assert [r["seeds"] for r in records] == [[0], [1], [2]]
     assert 6 in sizes  # the three visitors' jobs ran as one call
+
+
+def test_auto_window_gathers_jobs_only_when_busy():
+    import threading
+
+    from kit.batching import AUTO_WINDOW_MAX, BatchCollector
+    from kit.generate import GenerationJob
+
+    batches: list[list[str]] = []
+    release_first = threading.Event()
+
+    def run_batch(jobs):
+        batches.append([job.request.prompt for job in jobs])
+        if jobs[0].request.prompt == "first":
+            release_first.wait(10)
+        time.sleep(0.4)
+        for job in jobs:
+            job.finished.set()
+
+    collector = BatchCollector(run_batch, slots=1, max_batch_size=4, max_images=8, window_seconds=None)
+
+    def submit(prompt):
+        job = GenerationJob(request(prompt=prompt), owner="test")
+        collector.submit(job)
+        return job
+
+    # Quiet site: a lone job starts at once.
+    first = submit("first")
+    deadline = time.monotonic() + 5
+    while not batches and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert batches == [["first"]]
+    assert collector.current_window() == 0.0
+
+    # Jobs that queued behind it share the next call.
+    queued = [submit(f"queued {i}") for i in range(3)]
+    release_first.set()
+    for job in [first, *queued]:
+        assert job.finished.wait(10)
+    assert batches[1] == ["queued 0", "queued 1", "queued 2"]
+    window = collector.current_window()
+    assert 0.1 < window <= AUTO_WINDOW_MAX
+
+    # Busy site: a job that arrives first waits for the ones close behind it.
+    early = submit("early")
+    time.sleep(window / 3)
+    late = submit("late")
+    assert early.finished.wait(10)
+    assert late.finished.wait(10)
+    assert batches[2] == ["early", "late"]
+
+    # A fixed window of 0 never waits.
+    collector.window_seconds = 0.0
+    assert collector.current_window() == 0.0
+    collector.close()

@@ -301,3 +301,20 @@ def test_concurrent_jobs_never_share_a_replica(make_services):
     finally:
         handle.remove()
     assert inside["max"] == 1
+
+
+def test_cancel_hooks_need_both_ids():
+    from kit.cancels import CancelHooks
+
+    hooks = CancelHooks()
+    stopped = []
+    remove = hooks.register("session-a", "event-1", lambda: stopped.append("event-1"))
+    hooks.register("session-a", None, lambda: stopped.append("no event"))
+    assert len(hooks) == 1
+    assert not hooks.cancel("session-b", "event-1")  # another visitor's session
+    assert not hooks.cancel("session-a", "event-2")
+    assert hooks.cancel("session-a", "event-1")
+    assert stopped == ["event-1"]
+    assert not hooks.cancel("session-a", "event-1")  # a hook runs once
+    remove()  # removing after it ran is harmless
+    assert len(hooks) == 0

@@ -112,11 +112,21 @@ def test_job_sends_previews_during_steps(make_services):
     previews = [update for update in updates if update.preview is not None]
     assert previews, "no step update carried a preview"
     assert all(update.kind == "step" and update.step >= 1 for update in previews)
-    assert previews[0].preview.size == (256, 256)
+    assert previews[0].preview.size == (64, 64)  # never larger than the image itself
+
+
+def test_preview_size_capped_for_large_images(make_services):
+    services = make_services(tiny_preset())
+    job = services.generator.start(GenerationRequest(prompt="a red circle", steps=2, width=384, height=256), owner="browser:x")
+    previews = [update.preview for update in job.progress() if update is not None and update.preview is not None]
+    job.wait(60)
+    assert previews
+    assert previews[0].size == (256, 171)
 
 
 def test_previews_limited_per_second(make_services, monkeypatch):
     monkeypatch.setattr(kit.generate, "PREVIEW_INTERVAL_SECONDS", 3600.0)
+    monkeypatch.setattr(kit.generate, "PROGRESS_INTERVAL_SECONDS", 0.0)
     services = make_services(tiny_preset())
     job = services.generator.start(GenerationRequest(prompt="a red circle", steps=5, width=64, height=64), owner="browser:x")
     updates = [update for update in job.progress() if update is not None]
@@ -124,3 +134,14 @@ def test_previews_limited_per_second(make_services, monkeypatch):
     steps = [update for update in updates if update.kind == "step" and update.step >= 1]
     assert len(steps) == 5
     assert sum(update.preview is not None for update in steps) == 1
+
+
+def test_step_updates_limited_per_second(make_services, monkeypatch):
+    monkeypatch.setattr(kit.generate, "PREVIEW_INTERVAL_SECONDS", 3600.0)
+    monkeypatch.setattr(kit.generate, "PROGRESS_INTERVAL_SECONDS", 3600.0)
+    services = make_services(tiny_preset())
+    job = services.generator.start(GenerationRequest(prompt="a red circle", steps=6, width=64, height=64), owner="browser:x")
+    updates = [update for update in job.progress() if update is not None]
+    job.wait(60)
+    steps = [update.step for update in updates if update.kind == "step"]
+    assert steps == [0, 1, 6]  # before denoising, the first step (with the preview), the last step

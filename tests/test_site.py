@@ -129,8 +129,20 @@ def test_shared_gallery_shows_everyone(launch_site):
     assert site.client().predict(api_name="/gallery")["total"] == 2
 
 
-def test_cancel_stops_within_one_step(launch_site):
+@pytest.mark.parametrize("status_interval", [None, 3600.0], ids=["default", "no-yields-while-denoising"])
+def test_cancel_stops_within_one_step(launch_site, monkeypatch, status_interval):
+    if status_interval is not None:
+        # With no yield during denoising, Gradio cannot close the handler in time: only the
+        # cancel hook that the middleware runs can stop the job within a step.
+        monkeypatch.setattr("kit.ui.generator.STATUS_INTERVAL_SECONDS", status_interval)
+        monkeypatch.setattr("kit.generate.PREVIEW_INTERVAL_SECONDS", status_interval)
+        monkeypatch.setattr("kit.ui.generator.IDLE_YIELD_SECONDS", status_interval)
     site = launch_site(fast_preset())
+    hooks_run = []
+    original_cancel = site.services.cancel_hooks.cancel
+    monkeypatch.setattr(
+        site.services.cancel_hooks, "cancel", lambda *ids: hooks_run.append(original_cancel(*ids)) or hooks_run[-1]
+    )
     client = site.client()
     client.predict(prompt="load", steps=1, width=64, height=64, api_name="/generate")  # load the model
     calls, handle = count_unet_calls(site)
@@ -150,17 +162,21 @@ def test_cancel_stops_within_one_step(launch_site):
     after_cancel = [t for t in calls if t > cancelled_at]
     assert len(calls) < LONG_JOB["steps"]
     assert len(after_cancel) <= 1
+    assert hooks_run == [True]
+    assert len(site.services.cancel_hooks) == 0
     assert client.predict(api_name="/gallery")["total"] == 1  # only the loading job's image
 
 
 def test_full_queue_gives_readable_error(launch_site):
     site = launch_site(fast_preset(queue={"max_size": 2, "max_batch_size": 1}))
-    clients = [site.client() for _ in range(4)]
+    # Gradio hands the kit model_concurrency jobs; max_size more wait in Gradio's queue.
+    admitted = site.services.model_concurrency + 2
+    clients = [site.client() for _ in range(admitted + 1)]
     jobs = []
-    for client in clients[:3]:
+    for client in clients[:admitted]:
         jobs.append(client.submit(api_name="/generate", **LONG_JOB))
         wait_for_status(jobs[-1], {"PROCESSING", "ITERATING", "IN_QUEUE"})
-    extra = clients[3].submit(api_name="/generate", **LONG_JOB)
+    extra = clients[admitted].submit(api_name="/generate", **LONG_JOB)
     with pytest.raises(Exception, match="Queue is full"):
         extra.result(timeout=30)
     for job in jobs:
@@ -233,3 +249,31 @@ def test_errors_reach_client_as_messages(launch_site):
 def test_no_outside_host_contacted():
     # Runs after the server tests in this module; the socket guard in conftest records attempts.
     assert OUTSIDE_CONNECTIONS == []
+
+
+def test_api_callers_get_no_previews(launch_site, monkeypatch):
+    monkeypatch.setattr("kit.generate.PREVIEW_INTERVAL_SECONDS", 0.0)  # a preview at every step
+    site = launch_site(fast_preset())
+    job = site.client().submit(prompt="watched", steps=12, width=128, height=128, api_name="/generate")
+    images, record, status = job.result(timeout=120)
+    assert len(images) == 1
+    intermediate = job.outputs()[:-1]
+    assert intermediate, "the handler sent no status updates"
+    # A preview would arrive as a list of gallery items; status updates leave the gallery as it is.
+    assert not [output for output in intermediate if isinstance(output[0], list)], "an API caller was sent preview images"
+
+
+@pytest.mark.parametrize(("body", "status"), [(b"not json", 422), (b"{" + b" " * 20_000 + b"}", 413)])
+def test_cancel_route_rejects_bad_bodies(launch_site, body, status):
+    import urllib.error
+
+    site = launch_site(fast_preset())
+    request = urllib.request.Request(
+        site.url.rstrip("/") + "/gradio_api/cancel", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        urllib.request.urlopen(request, timeout=10)
+    assert failure.value.code == status
+    # The site still serves jobs afterwards.
+    images, _, _ = site.client().predict(prompt="after", steps=2, width=64, height=64, api_name="/generate")
+    assert len(images) == 1

@@ -12,6 +12,8 @@ It runs inside Gradio's own middleware, on every request to the site, before rou
    description.
 3. File requests (``/gradio_api/file=...``) must name a file inside the served folders.
 4. Job requests have their image inputs checked and URLs fetched (``kit.security.gate``).
+5. A cancel request (``POST /gradio_api/cancel``) stops its job here at once, through the
+   job's cancel hook (``kit.cancels``), and then goes on to Gradio as usual.
 
 An API token's user reaches ``gr.Request.username`` through a FastAPI dependency override
 of Gradio's ``get_current_user``, installed on the first request.
@@ -29,6 +31,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 
+from kit.cancels import CancelHooks
 from kit.errors import InvalidRequest
 from kit.security.files import FILE_ROUTE, file_request_problem
 from kit.security.gate import JOB_ROUTE, InputGate, validation_detail
@@ -51,6 +54,9 @@ TOKEN_USER_KEY = "kit.token_user"
 _GRADIO_USER_FUNCTION = "get_current_user"
 # Bytes of JSON allowed per job request on top of the upload limit (base64 adds a third).
 _BODY_MARGIN = 1_000_000
+CANCEL_PATH = "/gradio_api/cancel"
+# A cancel body contains a session hash, an event id and a number.
+_CANCEL_BODY_LIMIT = 16_384
 
 LOGIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -116,9 +122,10 @@ def _client_host(scope: Scope) -> str:
 class SiteGuardMiddleware:
     """Pure ASGI middleware (so streamed responses such as SSE pass through untouched)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], guard: SiteGuard):
+    def __init__(self, app: Callable[..., Awaitable[None]], guard: SiteGuard, cancel_hooks: CancelHooks | None = None):
         self.app = app
         self.guard = guard
+        self.cancel_hooks = cancel_hooks
         self._gradio_user_function: Callable[..., Awaitable[str | None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -151,6 +158,9 @@ class SiteGuardMiddleware:
 
         if method == "POST" and JOB_ROUTE.match(path):
             await self._gate(scope, receive, send, path)
+            return
+        if method == "POST" and path == CANCEL_PATH and self.cancel_hooks is not None:
+            await self._cancel(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -274,22 +284,60 @@ class SiteGuardMiddleware:
             headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-length"]
             scope["headers"] = [*headers, (b"content-length", str(len(body)).encode("ascii"))]
 
-        sent = False
+        await self.app(scope, _replay(body, receive), send)
 
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+    async def _cancel(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the cancel hook of the named event, then hand the same request to Gradio."""
+        body = await _read_body(receive, _CANCEL_BODY_LIMIT)
+        if body is None:
+            await self._deny(scope, receive, send, 413, "Cancel request too large.")
+            return
+        try:
+            payload = json.loads(body)
+            session_hash, event_id = str(payload["session_hash"]), str(payload["event_id"])
+        except (ValueError, KeyError, TypeError):
+            pass  # Gradio rejects a malformed body with its own 422
+        else:
+            if self.cancel_hooks is not None and self.cancel_hooks.cancel(session_hash, event_id):
+                logger.debug("cancel hook ran for event %s", event_id)
+        await self.app(scope, _replay(body, receive), send)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
         await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """Read a whole request body; None when it is over ``limit`` bytes or the client left."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Return a receive function that gives ``body`` once, then defers to the real one."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _find_gradio_user_function(routes: list[Any]) -> Callable[..., Awaitable[str | None]] | None:

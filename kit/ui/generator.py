@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+from gradio.context import LocalContext
 
 from kit.errors import InvalidRequest, JobCancelled
 from kit.generate import MAX_SEED, GenerationJob
@@ -34,6 +36,15 @@ API_PARAMETERS = (
 # Captions of live previews start with this, so Stop can tell a preview from a finished result.
 PREVIEW_CAPTION = "Preview"
 STOPPED_STATUS = "Stopped. Nothing was saved."
+# The handler sends step updates to the page at most this often (seconds). Every yield
+# costs Gradio a round of output processing on the server's event loop, which at one yield
+# per step would compete with a fast pipeline for the CPU. The progress bar (gr.Progress)
+# still moves at every step update the job sends, and a cancel reaches the job through its
+# cancel hook, not through a yield.
+STATUS_INTERVAL_SECONDS = 0.25
+# While nothing happens the handler still yields this often (seconds): Gradio closes a
+# handler, on a closed tab for one, only at a yield.
+IDLE_YIELD_SECONDS = 0.2
 
 
 @dataclass
@@ -230,19 +241,29 @@ def make_handlers(services: Services):
         with visitor_errors():
             generation_request = services.generator.check(values)
             job = services.generator.start(generation_request, owner)
+        remove_hook = services.cancel_hooks.register(
+            getattr(request, "session_hash", None), LocalContext.event_id.get(None), job.cancel
+        )
+        # Live previews go to the site's own page only. gradio_client downloads every file in
+        # every intermediate output, so previews would cost an API caller a download each.
+        wants_previews = _caller_kind(request) == "app"
         timer = StepTimer()
         waiting_since: float | None = None
         showing_preview = False
+        last_yield = -math.inf
         try:
-            for update in job.progress():
+            for update in job.progress(poll_seconds=IDLE_YIELD_SECONDS):
                 status = _status_text(update, progress, timer)
                 if update is not None:
                     waiting_since = time.monotonic() if update.kind == "waiting" else None
                 elif waiting_since is not None:
                     status = _waiting_text(time.monotonic() - waiting_since)
-                preview = _preview_item(update, generation_request.prompt)
+                preview = _preview_item(update, generation_request.prompt) if wants_previews else None
+                now = time.monotonic()
+                if preview is None and update is not None and update.kind == "step" and now - last_yield < STATUS_INTERVAL_SECONDS:
+                    continue
+                last_yield = now
                 showing_preview = showing_preview or preview is not None
-                # Yielding often is what lets Gradio close this generator on cancel.
                 yield (
                     preview if preview is not None else gr.skip(),
                     gr.skip(),
@@ -259,6 +280,7 @@ def make_handlers(services: Services):
             job.cancel()
             raise
         finally:
+            remove_hook()
             if not job.finished.is_set():
                 job.cancel()
         images = _result_images(services, result)
@@ -292,6 +314,12 @@ class StepTimer:
             return None
         per_step = (now - started) / (step - first_step)
         return per_step * max(0, total - step)
+
+
+def _caller_kind(request: gr.Request | None) -> str:
+    """Return the ``x-gradio-user`` header: "app" from the site's page, "api" from gradio_client."""
+    headers = getattr(request, "headers", None)
+    return (headers.get("x-gradio-user") if headers is not None else None) or ""
 
 
 def _status_text(update: Any, progress: gr.Progress, timer: StepTimer) -> str | None:
