@@ -26,6 +26,7 @@ RUN if [ -n "$TORCH_INDEX" ]; then pip install --index-url "$TORCH_INDEX" "torch
 COPY --chown=kit:kit app.py ./
 COPY --chown=kit:kit kit ./kit
 COPY --chown=kit:kit presets ./presets
+COPY --chown=kit:kit models ./models
 
 USER kit
 VOLUME ["/data"]

@@ -64,9 +64,9 @@ class SizeCounter:
         from kit.architectures import BUILTIN_PREFIX
 
         if model_id.startswith(BUILTIN_PREFIX):
-            from kit.tiny import ensure_tiny_model
+            from kit.loading import builtin_folder
 
-            return ensure_tiny_model(model_id.removeprefix(BUILTIN_PREFIX), self.scratch_dir)
+            return builtin_folder(model_id.removeprefix(BUILTIN_PREFIX), self.scratch_dir)
         return model_id
 
     def _count(self, model_id: str) -> list[ComponentSize]:
