@@ -1,6 +1,6 @@
 """Cancel hooks: stop a running job the moment its cancel request reaches the server.
 
-Gradio answers a cancel (the Stop button, ``Job.cancel()`` in gradio_client) by closing the
+Gradio handles a cancel (the Stop button, ``Job.cancel()`` in gradio_client) by closing the
 event's generator handler, which it can do only while the handler waits at a ``yield``. A
 handler that yields a few times a second would let a fast pipeline run many more steps
 before it noticed. So each generate handler registers its job's ``cancel`` here under

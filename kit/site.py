@@ -237,6 +237,9 @@ def launch_options(services: Services) -> dict[str, Any]:
     return options
 
 
+_STATIC_FOLDERS: set[Path] = set()
+
+
 def security_options(services: Services) -> dict[str, Any]:
     """Return the launch options that enforce the preset's ``[security]`` section.
 
@@ -257,8 +260,12 @@ def security_options(services: Services) -> dict[str, Any]:
     if settings.temp_max_age_seconds:
         app_kwargs["lifespan"] = temp_cleanup_lifespan(settings.temp_max_age_seconds)
     # Gallery images are served from where the gallery wrote them, not copied into Gradio's
-    # cache first. Gradio keeps one list of static folders per process, and adds to it.
-    gr.set_static_paths([services.gallery.images_dir])
+    # cache first. Gradio keeps one list of static folders per process and appends to it on
+    # every call, so each folder is added once.
+    images_dir = Path(services.gallery.images_dir).resolve()
+    if images_dir not in _STATIC_FOLDERS:
+        gr.set_static_paths([images_dir])
+        _STATIC_FOLDERS.add(images_dir)
     options: dict[str, Any] = {
         # Only the gallery images are served from disk, besides Gradio's own temporary folder.
         "allowed_paths": [str(services.gallery.images_dir)],

@@ -516,7 +516,7 @@ def test_demo_models_draw_and_name_the_prompt(launch_site, open_browser, screens
 
     site = launch_site(load_preset("demo"))
     page = open_site(open_browser(), site.url)
-    wanted = demo_world.parse_caption("a red circle on a blue background")
+    expected = demo_world.parse_caption("a red circle on a blue background")
     page.get_by_text("a red circle on a blue background", exact=True).click()
     wait_for_value(page, "#prompt textarea", "a red circle on a blue background")
     page.get_by_text("Advanced settings").click()
@@ -527,12 +527,12 @@ def test_demo_models_draw_and_name_the_prompt(launch_site, open_browser, screens
     screenshot(page, "demo-generate.png")
 
     entry = site.services.gallery.list(SHARED_OWNER).entries[0]
-    assert demo_world.classify(Image.open(entry.path)).facts() == wanted
+    assert demo_world.classify(Image.open(entry.path)).facts() == expected
 
     open_tab(page, "Describe")
     page.locator("#describe-image input[type=file]").set_input_files(str(entry.path))
     page.locator("#describe").click()
     page.wait_for_function("document.querySelector('#caption textarea').value.trim().length > 0", timeout=60_000)
     caption = page.locator("#caption textarea").input_value().strip()
-    assert demo_world.parse_caption(caption) == wanted, caption
+    assert demo_world.parse_caption(caption) == expected, caption
     screenshot(page, "demo-describe.png")

@@ -111,9 +111,9 @@ def test_captioner_names_held_out_scenes(demo_services):
     images, scenes = held_out(demo_world.HELD_OUT_COUNT, seed=502)
     captions = [demo_services.describer.describe(image) for image in images]
 
-    said = [demo_world.parse_caption(caption) for caption in captions]
-    shapes = [facts.shapes == demo_world.scene_facts(scene).shapes for facts, scene in zip(said, scenes)]
-    backgrounds = [facts.background == scene.background for facts, scene in zip(said, scenes)]
+    parsed = [demo_world.parse_caption(caption) for caption in captions]
+    shapes = [facts.shapes == demo_world.scene_facts(scene).shapes for facts, scene in zip(parsed, scenes)]
+    backgrounds = [facts.background == scene.background for facts, scene in zip(parsed, scenes)]
     misses = [(scene.caption(), caption) for scene, caption, ok in zip(scenes, captions, shapes) if not ok]
     assert share(shapes) >= MIN_CAPTIONER_ACCURACY, misses
     assert share(backgrounds) >= MIN_CAPTIONER_ACCURACY

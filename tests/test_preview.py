@@ -104,11 +104,16 @@ def test_flux_token_count_mismatch_is_rejected():
         unpack_flux_latents(torch.randn(1, 24, 64), height=128, width=128)
 
 
-def test_job_sends_previews_during_steps(make_services):
-    services = make_services(tiny_preset())
-    job = services.generator.start(GenerationRequest(prompt="a red circle", steps=4, width=64, height=64), owner="browser:x")
+def job_updates(services, steps: int, width: int = 64, height: int = 64) -> list:
+    """Run one job to the end and return its progress updates, without the idle Nones."""
+    job = services.generator.start(GenerationRequest(prompt="a red circle", steps=steps, width=width, height=height), owner="browser:x")
     updates = [update for update in job.progress() if update is not None]
     job.wait(60)
+    return updates
+
+
+def test_job_sends_previews_during_steps(make_services):
+    updates = job_updates(make_services(tiny_preset()), steps=4)
     previews = [update for update in updates if update.preview is not None]
     assert previews, "no step update carried a preview"
     assert all(update.kind == "step" and update.step >= 1 for update in previews)
@@ -116,10 +121,8 @@ def test_job_sends_previews_during_steps(make_services):
 
 
 def test_preview_size_capped_for_large_images(make_services):
-    services = make_services(tiny_preset())
-    job = services.generator.start(GenerationRequest(prompt="a red circle", steps=2, width=384, height=256), owner="browser:x")
-    previews = [update.preview for update in job.progress() if update is not None and update.preview is not None]
-    job.wait(60)
+    updates = job_updates(make_services(tiny_preset()), steps=2, width=384, height=256)
+    previews = [update.preview for update in updates if update.preview is not None]
     assert previews
     assert previews[0].size == (256, 171)
 
@@ -127,10 +130,7 @@ def test_preview_size_capped_for_large_images(make_services):
 def test_previews_limited_per_second(make_services, monkeypatch):
     monkeypatch.setattr(kit.generate, "PREVIEW_INTERVAL_SECONDS", 3600.0)
     monkeypatch.setattr(kit.generate, "PROGRESS_INTERVAL_SECONDS", 0.0)
-    services = make_services(tiny_preset())
-    job = services.generator.start(GenerationRequest(prompt="a red circle", steps=5, width=64, height=64), owner="browser:x")
-    updates = [update for update in job.progress() if update is not None]
-    job.wait(60)
+    updates = job_updates(make_services(tiny_preset()), steps=5)
     steps = [update for update in updates if update.kind == "step" and update.step >= 1]
     assert len(steps) == 5
     assert sum(update.preview is not None for update in steps) == 1
@@ -139,9 +139,6 @@ def test_previews_limited_per_second(make_services, monkeypatch):
 def test_step_updates_limited_per_second(make_services, monkeypatch):
     monkeypatch.setattr(kit.generate, "PREVIEW_INTERVAL_SECONDS", 3600.0)
     monkeypatch.setattr(kit.generate, "PROGRESS_INTERVAL_SECONDS", 3600.0)
-    services = make_services(tiny_preset())
-    job = services.generator.start(GenerationRequest(prompt="a red circle", steps=6, width=64, height=64), owner="browser:x")
-    updates = [update for update in job.progress() if update is not None]
-    job.wait(60)
+    updates = job_updates(make_services(tiny_preset()), steps=6)
     steps = [update.step for update in updates if update.kind == "step"]
     assert steps == [0, 1, 6]  # before denoising, the first step (with the preview), the last step

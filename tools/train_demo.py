@@ -347,6 +347,7 @@ def train_text_to_image(
     caption_rng = random.Random(23)
     unet.train()
     text_encoder.train()
+
     started = time.perf_counter()
     running = 0.0
     for step in range(steps):
@@ -355,12 +356,14 @@ def train_text_to_image(
         latents = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=noise_rng)
         prompts = [training_prompt(scenes[i], caption_rng) for i in index.tolist()]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
         noise = torch.randn(latents.shape, generator=noise_rng)
         timesteps = torch.randint(0, TRAIN_TIMESTEPS, (batch_size,), generator=noise_rng)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(ids)[0]
         prediction = unet(noisy, timesteps, hidden).sample
         loss = torch.nn.functional.mse_loss(prediction, scheduler.get_velocity(latents, noise, timesteps))
+
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -369,6 +372,7 @@ def train_text_to_image(
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             logger.info("unet step %d/%d: loss %.4f (average %.4f) (%.0f s)", step + 1, steps, loss.item(), running, time.perf_counter() - started)
+
     average.copy_to_models()
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
@@ -395,7 +399,7 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet):
 @torch.no_grad()
 def evaluate_generator(pipe, scenes: list[demo_world.Scene], seed: int, batch_size: int = 16) -> dict[str, float]:
     """Draw each scene's caption once and return the share the classifier reads as asked."""
-    results = {"all": 0, "background": 0, "shape_color": 0, "shape_kind": 0}
+    pairs: list[tuple[demo_world.CaptionFacts, demo_world.CaptionFacts]] = []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
@@ -407,14 +411,19 @@ def evaluate_generator(pipe, scenes: list[demo_world.Scene], seed: int, batch_si
             width=demo_world.IMAGE_SIZE,
             generator=generators,
         ).images
-        for scene, image in zip(chunk, images):
-            reading = demo_world.classify(image).facts()
-            expected = demo_world.scene_facts(scene)
-            results["all"] += demo_world.facts_match(expected, reading)
-            results["background"] += expected.background == reading.background
-            results["shape_color"] += sorted(c for c, _ in expected.shapes) == sorted(c for c, _ in reading.shapes)
-            results["shape_kind"] += sorted(k for _, k in expected.shapes) == sorted(k for _, k in reading.shapes)
-    return {name: count / len(scenes) for name, count in results.items()}
+        pairs += [(demo_world.scene_facts(scene), demo_world.classify(image).facts()) for scene, image in zip(chunk, images)]
+    return score_facts(pairs)
+
+
+def score_facts(pairs: list[tuple[demo_world.CaptionFacts, demo_world.CaptionFacts]]) -> dict[str, float]:
+    """Return the share of (expected, seen) pairs that agree in full, on the background, and on shape colors and kinds."""
+    results = {"all": 0, "background": 0, "shape_color": 0, "shape_kind": 0}
+    for expected, seen in pairs:
+        results["all"] += demo_world.facts_match(expected, seen)
+        results["background"] += expected.background == seen.background
+        results["shape_color"] += sorted(c for c, _ in expected.shapes) == sorted(c for c, _ in seen.shapes)
+        results["shape_kind"] += sorted(k for _, k in expected.shapes) == sorted(k for _, k in seen.shapes)
+    return {name: count / len(pairs) for name, count in results.items()}
 
 
 # -- captioner ---------------------------------------------------------------------------------
@@ -500,15 +509,7 @@ def caption_images(model, processor, images) -> list[str]:
 
 def evaluate_captioner(model, processor, images, scenes) -> dict[str, float]:
     captions = caption_images(model, processor, images)
-    results = {"all": 0, "background": 0, "shape_color": 0, "shape_kind": 0}
-    for caption, scene in zip(captions, scenes):
-        said = demo_world.parse_caption(caption)
-        expected = demo_world.scene_facts(scene)
-        results["all"] += demo_world.facts_match(expected, said)
-        results["background"] += said.background == expected.background
-        results["shape_color"] += sorted(c for c, _ in expected.shapes) == sorted(c for c, _ in said.shapes)
-        results["shape_kind"] += sorted(k for _, k in expected.shapes) == sorted(k for _, k in said.shapes)
-    return {name: count / len(scenes) for name, count in results.items()}
+    return score_facts([(demo_world.scene_facts(scene), demo_world.parse_caption(caption)) for caption, scene in zip(captions, scenes)])
 
 
 # -- main --------------------------------------------------------------------------------------
