@@ -183,7 +183,7 @@ def set_slider(page: Any, elem_id: str, value: int) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Tab")
-    # The number box and the range input agree only once the slider has taken the value.
+    # The range input shows the value only after the slider has applied it.
     page.wait_for_function(
         "([id, value]) => document.querySelector(`#${id} input[type=range]`).value === value",
         arg=[elem_id, str(value)],
@@ -260,7 +260,7 @@ def test_stop_long_job_saves_nothing(launch_site, open_browser, screenshot):
     set_slider(page, "height", 128)
 
     page.locator("#generate").click()
-    wait_for_status(page, " of 500")  # the job runs the 500 steps the sliders asked for
+    wait_for_status(page, " of 500")  # the job runs the 500 steps that the sliders set
     page.wait_for_selector("#result img[alt^='Preview at step']")
     screenshot(page, "desktop-preview.png")
     page.locator("#stop").click()
