@@ -9,6 +9,13 @@ next one, so the GPU works on many visitors' images per call. With the automatic
 free replica that has just run a batch of several jobs waits a moment for those visitors'
 next jobs, which arrive a few at a time as the results reach them. Without the window, the
 first to arrive would run alone and the rest would wait behind it.
+
+The window waits for as many jobs as the site had in play when the last call ended: the
+call's own jobs, whose visitors may come back, and the jobs that waited behind it. Waiting
+for the call's size alone would settle on a batch smaller than the number of visitors, with
+the rest always one call behind. Once those jobs are in, and on a quiet site that receives
+several jobs at once, the window stays open while more keep arriving close together, so a
+burst of visitors shares one call.
 """
 
 from __future__ import annotations
@@ -22,9 +29,14 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # The automatic window: this share of the last call's duration, at most AUTO_WINDOW_MAX
-# seconds. It ends early once as many compatible jobs wait as the last call ran.
+# seconds. It ends early once the expected compatible jobs wait and no more are arriving.
 AUTO_WINDOW_FRACTION = 0.5
 AUTO_WINDOW_MAX = 0.5
+# Once the expected jobs are in, the automatic window stays open while each further
+# compatible job arrives within this many seconds of the one before.
+ARRIVAL_GAP_SECONDS = 0.02
+# On a quiet site, the most a burst of several jobs waits for more of its jobs (seconds).
+BURST_WAIT_MAX = 0.1
 
 
 def batch_key(request: Any) -> tuple[Any, ...]:
@@ -67,9 +79,11 @@ class BatchCollector:
         self.max_batch_size = max(1, max_batch_size)
         self.max_images = max(1, max_images)
         self.window_seconds = window_seconds
-        # Size and duration of the last call, for the automatic window.
+        # Size and duration of the last call, and the jobs pending when it ended, for the
+        # automatic window.
         self._last_jobs = 0
         self._last_seconds = 0.0
+        self._pending_after_last = 0
         self._pending: list[Any] = []
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -128,20 +142,43 @@ class BatchCollector:
                 deadline = time.monotonic() + window
                 # The automatic window expects the last call's visitors back, not a full batch,
                 # so a site with fewer visitors than max_batch_size does not wait out every window.
-                target = self.max_batch_size if self.window_seconds is not None else min(self.max_batch_size, self._last_jobs)
+                target = self.max_batch_size
+                if self.window_seconds is None:
+                    target = min(self.max_batch_size, self._last_jobs + self._pending_after_last)
                 while not self._batch_full(self._compatible(), target):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._condition.wait(remaining)
+                if self.window_seconds is None:
+                    self._wait_while_arriving(deadline)
                 self._drop_cancelled()
                 if not self._pending:
                     return []
+            elif self.window_seconds is None and self.max_batch_size > 1 and len(self._compatible()) > 1:
+                # A quiet site that receives several jobs at once: a burst is arriving.
+                self._wait_while_arriving(time.monotonic() + BURST_WAIT_MAX)
             batch = self._compatible()
             for job in batch:
                 self._pending.remove(job)
                 job.on_cancel = None
             return batch
+
+    def _wait_while_arriving(self, deadline: float) -> None:
+        """Keep the window open while compatible jobs still arrive close together.
+
+        The expected count comes from the last call, so after a quiet spell it can be low
+        while a burst of visitors is arriving. Without this wait the burst would split into a
+        small call now and the rest one call later. Called with the condition held.
+        """
+        while len(self._compatible()) < self.max_batch_size:
+            count = len(self._compatible())
+            quiet_until = min(deadline, time.monotonic() + ARRIVAL_GAP_SECONDS)
+            while len(self._compatible()) == count:
+                remaining = quiet_until - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._condition.wait(remaining)
 
     def current_window(self) -> float:
         """Seconds a free replica waits for more compatible jobs before it starts a call."""
@@ -184,4 +221,5 @@ class BatchCollector:
             with self._condition:
                 self._last_jobs = len(batch)
                 self._last_seconds = time.monotonic() - started
+                self._pending_after_last = len(self._pending)
             self._slots.release()

@@ -255,10 +255,13 @@ class Progress:
 class GenerationJob:
     """One job as its Gradio handler uses it: progress updates, the result, and cancel."""
 
-    def __init__(self, request: GenerationRequest, owner: str, save: bool = True):
+    def __init__(self, request: GenerationRequest, owner: str, save: bool = True, previews: bool = True):
         self.request = request
         self.owner = owner
         self.save = save
+        # Whether step updates carry preview images. Decoding a preview costs CPU on the
+        # step callback, so a caller that never shows them turns them off.
+        self.previews = previews
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.updates: queue.Queue[Progress] = queue.Queue()
@@ -341,9 +344,15 @@ class GeneratorService:
     def check(self, params: dict[str, Any]) -> GenerationRequest:
         return check_inputs(self.preset, self.family, params)
 
-    def start(self, request: GenerationRequest, owner: str = "local", *, save: bool = True) -> GenerationJob:
-        """Queue a job for the next free replica; ``save=False`` keeps its images out of the gallery."""
-        job = GenerationJob(request, owner, save)
+    def start(
+        self, request: GenerationRequest, owner: str = "local", *, save: bool = True, previews: bool = True
+    ) -> GenerationJob:
+        """Queue a job for the next free replica.
+
+        ``save=False`` keeps its images out of the gallery; ``previews=False`` leaves preview
+        images out of its step updates.
+        """
+        job = GenerationJob(request, owner, save, previews)
         job.updates.put(Progress("waiting"))
         self._get_collector().submit(job)
         return job
@@ -538,7 +547,9 @@ def run_pipeline(
             if job.cancelled.is_set():
                 job.steps_after_cancel += 1
             elif update_due:
-                preview = _step_preview(callback_kwargs, first_image, family, first, previews) if preview_due else None
+                preview = None
+                if preview_due and job.previews:
+                    preview = _step_preview(callback_kwargs, first_image, family, first, previews)
                 job.updates.put(Progress("step", step=step + 1, total=total, preview=preview))
         if everyone_left.is_set():
             pipeline._interrupt = True

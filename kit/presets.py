@@ -148,8 +148,9 @@ class QueueSettings(_Section):
     # Milliseconds a job waits for compatible company when a replica is free. At 0 a job never
     # waits: batches form only from jobs that queued behind a running call. "auto" waits only
     # while the site is busy (the last call ran several jobs), until as many jobs wait as that
-    # call ran or for half its time, at most 500 ms. So visitors who resubmit as their results
-    # arrive share the next call.
+    # call ran plus those that waited behind it, or for half its time, at most 500 ms. So
+    # visitors who resubmit as their results arrive share the next call. On a quiet site,
+    # several jobs that arrive together wait up to 100 ms for the rest of their burst.
     batch_window_ms: float | Literal["auto"] = "auto"
 
     @field_validator("batch_window_ms")

@@ -236,3 +236,42 @@ def test_auto_window_gathers_jobs_only_when_busy():
     collector.window_seconds = 0.0
     assert collector.current_window() == 0.0
     collector.close()
+
+
+def test_burst_on_quiet_site_shares_call(monkeypatch):
+    from kit.batching import BatchCollector
+    from kit.generate import GenerationJob
+
+    # Generous gaps, so that a slow machine still counts the third job as part of the burst.
+    monkeypatch.setattr("kit.batching.ARRIVAL_GAP_SECONDS", 0.5)
+    monkeypatch.setattr("kit.batching.BURST_WAIT_MAX", 2.0)
+    batches: list[list[str]] = []
+
+    def run_batch(jobs):
+        batches.append([job.request.prompt for job in jobs])
+        for job in jobs:
+            job.finished.set()
+
+    collector = BatchCollector(run_batch, slots=1, max_batch_size=4, max_images=8, window_seconds=None)
+
+    def submit(prompt):
+        job = GenerationJob(request(prompt=prompt), owner="test")
+        collector.submit(job)
+        return job
+
+    # Two jobs land together on an idle collector, a third one shortly after.
+    with collector._condition:
+        jobs = [submit("a"), submit("b")]
+    time.sleep(0.05)
+    jobs.append(submit("c"))
+    for job in jobs:
+        assert job.finished.wait(10)
+    assert batches == [["a", "b", "c"]]
+
+    # A lone job on a quiet site starts at once, with no wait for company.
+    started = time.monotonic()
+    alone = submit("alone")
+    assert alone.finished.wait(10)
+    assert time.monotonic() - started < 0.4
+    assert batches[-1] == ["alone"]
+    collector.close()

@@ -136,7 +136,7 @@ def test_cancel_stops_within_one_step(launch_site, monkeypatch, status_interval)
         # cancel hook that the middleware runs can stop the job within a step.
         monkeypatch.setattr("kit.ui.generator.STATUS_INTERVAL_SECONDS", status_interval)
         monkeypatch.setattr("kit.generate.PREVIEW_INTERVAL_SECONDS", status_interval)
-        monkeypatch.setattr("kit.ui.generator.IDLE_YIELD_SECONDS", status_interval)
+        monkeypatch.setattr("kit.ui.generator.KEEPALIVE_SECONDS", status_interval)
     site = launch_site(fast_preset())
     hooks_run = []
     original_cancel = site.services.cancel_hooks.cancel
@@ -259,8 +259,9 @@ def test_api_callers_get_no_previews(launch_site, monkeypatch):
     assert len(images) == 1
     intermediate = job.outputs()[:-1]
     assert intermediate, "the handler sent no status updates"
-    # A preview would arrive as a list of gallery items; status updates leave the gallery as it is.
-    assert not [output for output in intermediate if isinstance(output[0], list)], "an API caller was sent preview images"
+    # Status updates for API callers carry an empty gallery, where a preview would be a gallery item.
+    assert not [output for output in intermediate if output[0]], "an API caller was sent preview images"
+    assert [output for output in intermediate if output[2].startswith("Denoising: step ")]
 
 
 @pytest.mark.parametrize(("body", "status"), [(b"not json", 422), (b"{" + b" " * 20_000 + b"}", 413)])

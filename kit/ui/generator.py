@@ -42,9 +42,9 @@ STOPPED_STATUS = "Stopped. Nothing was saved."
 # still moves at every step update the job sends, and a cancel reaches the job through its
 # cancel hook, not through a yield.
 STATUS_INTERVAL_SECONDS = 0.25
-# While nothing happens the handler still yields this often (seconds): Gradio closes a
-# handler, on a closed tab for one, only at a yield.
-IDLE_YIELD_SECONDS = 0.2
+# The handler yields at least this often (seconds), because Gradio closes the handler of a
+# visitor who has left only at a yield. API callers, who see no previews, get only these.
+KEEPALIVE_SECONDS = 1.0
 
 
 @dataclass
@@ -238,31 +238,45 @@ def make_handlers(services: Services):
         values = dict(zip(API_PARAMETERS, (prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images, init_image, strength)))
         owner = owner_for(request, browser_id)
         job: GenerationJob | None = None
-        with visitor_errors():
-            generation_request = services.generator.check(values)
-            job = services.generator.start(generation_request, owner)
-        remove_hook = services.cancel_hooks.register(
-            getattr(request, "session_hash", None), LocalContext.event_id.get(None), job.cancel
-        )
         # Live previews go to the site's own page only. gradio_client downloads every file in
         # every intermediate output, so previews would cost an API caller a download each.
         wants_previews = _caller_kind(request) == "app"
+        with visitor_errors():
+            generation_request = services.generator.check(values)
+            job = services.generator.start(generation_request, owner, previews=wants_previews)
+        remove_hook = services.cancel_hooks.register(
+            getattr(request, "session_hash", None), LocalContext.event_id.get(None), job.cancel
+        )
         timer = StepTimer()
         waiting_since: float | None = None
         showing_preview = False
+        last_status = ""
         last_yield = -math.inf
         try:
-            for update in job.progress(poll_seconds=IDLE_YIELD_SECONDS):
+            for update in job.progress(poll_seconds=STATUS_INTERVAL_SECONDS):
                 status = _status_text(update, progress, timer)
                 if update is not None:
                     waiting_since = time.monotonic() if update.kind == "waiting" else None
                 elif waiting_since is not None:
                     status = _waiting_text(time.monotonic() - waiting_since)
-                preview = _preview_item(update, generation_request.prompt) if wants_previews else None
+                preview = _preview_item(update, generation_request.prompt)
                 now = time.monotonic()
-                if preview is None and update is not None and update.kind == "step" and now - last_yield < STATUS_INTERVAL_SECONDS:
-                    continue
+                if now - last_yield < KEEPALIVE_SECONDS:
+                    if not wants_previews:
+                        continue
+                    # The page gets new previews and new status lines, step lines at most
+                    # every STATUS_INTERVAL_SECONDS.
+                    is_step = update is not None and update.kind == "step"
+                    if preview is None and (status is None or status == last_status or (is_step and now - last_yield < STATUS_INTERVAL_SECONDS)):
+                        continue
                 last_yield = now
+                if status is not None:
+                    last_status = status
+                if not wants_previews:
+                    # gr.skip() makes Gradio rebuild the output component and its API schema
+                    # (about 2 ms for a Gallery), so API callers get plain empty values.
+                    yield None, None, last_status
+                    continue
                 showing_preview = showing_preview or preview is not None
                 yield (
                     preview if preview is not None else gr.skip(),
