@@ -183,11 +183,22 @@ def test_site_lets_in_a_batch_of_jobs(launch_site):
     assert 6 in sizes  # the three visitors' jobs ran as one call
 
 
+def submitter(collector):
+    """Return a function that submits a job with the given prompt to ``collector``."""
+    from kit.generate import GenerationJob
+
+    def submit(prompt):
+        job = GenerationJob(request(prompt=prompt), owner="test")
+        collector.submit(job)
+        return job
+
+    return submit
+
+
 def test_auto_window_gathers_jobs_only_when_busy():
     import threading
 
     from kit.batching import AUTO_WINDOW_MAX, BatchCollector
-    from kit.generate import GenerationJob
 
     batches: list[list[str]] = []
     release_first = threading.Event()
@@ -201,11 +212,7 @@ def test_auto_window_gathers_jobs_only_when_busy():
             job.finished.set()
 
     collector = BatchCollector(run_batch, slots=1, max_batch_size=4, max_images=8, window_seconds=None)
-
-    def submit(prompt):
-        job = GenerationJob(request(prompt=prompt), owner="test")
-        collector.submit(job)
-        return job
+    submit = submitter(collector)
 
     # Quiet site: a lone job starts at once.
     first = submit("first")
@@ -240,7 +247,6 @@ def test_auto_window_gathers_jobs_only_when_busy():
 
 def test_burst_on_quiet_site_shares_call(monkeypatch):
     from kit.batching import BatchCollector
-    from kit.generate import GenerationJob
 
     # Generous gaps, so that a slow machine still counts the third job as part of the burst.
     monkeypatch.setattr("kit.batching.ARRIVAL_GAP_SECONDS", 0.5)
@@ -253,11 +259,7 @@ def test_burst_on_quiet_site_shares_call(monkeypatch):
             job.finished.set()
 
     collector = BatchCollector(run_batch, slots=1, max_batch_size=4, max_images=8, window_seconds=None)
-
-    def submit(prompt):
-        job = GenerationJob(request(prompt=prompt), owner="test")
-        collector.submit(job)
-        return job
+    submit = submitter(collector)
 
     # Two jobs land together on an idle collector, a third one shortly after.
     with collector._condition:

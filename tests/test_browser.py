@@ -254,17 +254,21 @@ def test_generate_from_example_with_enter(launch_site, open_browser, screenshot,
     screenshot(page, "desktop-result.png")
 
 
-def test_stop_long_job_saves_nothing(launch_site, open_browser, screenshot):
-    site = launch_site(browser_preset())
-    page = open_site(open_browser(), site.url)
-    page.locator("#prompt textarea").fill("a slow one")
+def start_long_job(page: Any, prompt: str) -> None:
+    """Start a 500-step job at 128x128 from the page and wait until it denoises."""
+    page.locator("#prompt textarea").fill(prompt)
     page.get_by_text("Advanced settings").click()
     set_slider(page, "steps", 500)
     set_slider(page, "width", 128)
     set_slider(page, "height", 128)
-
     page.locator("#generate").click()
     wait_for_status(page, " of 500")  # the job runs the 500 steps that the sliders set
+
+
+def test_stop_long_job_saves_nothing(launch_site, open_browser, screenshot):
+    site = launch_site(browser_preset())
+    page = open_site(open_browser(), site.url)
+    start_long_job(page, "a slow one")
     page.wait_for_selector("#result img[alt^='Preview at step']")
     screenshot(page, "desktop-preview.png")
     page.locator("#stop").click()
@@ -279,13 +283,7 @@ def test_stop_long_job_saves_nothing(launch_site, open_browser, screenshot):
 def test_closed_tab_stops_its_job(launch_site, open_browser):
     site = launch_site(browser_preset())
     page = open_site(open_browser(), site.url)
-    page.locator("#prompt textarea").fill("a ghost job")
-    page.get_by_text("Advanced settings").click()
-    set_slider(page, "steps", 500)
-    set_slider(page, "width", 128)
-    set_slider(page, "height", 128)
-    page.locator("#generate").click()
-    wait_for_status(page, " of 500")
+    start_long_job(page, "a ghost job")
     # The model loads with the first job, so the step counter is added once the job runs.
     steps: list[float] = []
     unet = site.services.models.replicas[0].pipelines["text2image"].unet
