@@ -57,6 +57,22 @@ class CancelHooks:
             logger.exception("cancel hook failed")
         return True
 
+    def cancel_session(self, session_hash: str) -> int:
+        """Run and remove every hook of one session, and return how many ran.
+
+        For a visitor whose event stream dropped: Gradio drops that session's events too,
+        but stops a running handler only at its next yield.
+        """
+        with self._lock:
+            keys = [key for key in self._hooks if key[0] == session_hash]
+            hooks = [self._hooks.pop(key) for key in keys]
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # one failing hook must not keep the others from running
+                logger.exception("cancel hook failed for session %s", session_hash[:12])
+        return len(hooks)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._hooks)

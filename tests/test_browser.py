@@ -280,8 +280,17 @@ def test_stop_long_job_saves_nothing(launch_site, open_browser, screenshot):
     screenshot(page, "desktop-stopped.png")
 
 
-def test_closed_tab_stops_its_job(launch_site, open_browser):
+def test_closed_tab_stops_its_job(launch_site, open_browser, monkeypatch):
     site = launch_site(browser_preset())
+    hooks = site.services.cancel_hooks
+    stopped_by_stream: list[int] = []
+    original = hooks.cancel_session
+
+    def recording_cancel_session(session_hash: str) -> int:
+        stopped_by_stream.append(original(session_hash))
+        return stopped_by_stream[-1]
+
+    monkeypatch.setattr(hooks, "cancel_session", recording_cancel_session)
     page = open_site(open_browser(), site.url)
     start_long_job(page, "a ghost job")
     # The model loads with the first job, so the step counter is added once the job runs.
@@ -297,7 +306,7 @@ def test_closed_tab_stops_its_job(launch_site, open_browser):
 
     assert len(steps) < 500
     assert site.services.gallery.count() == 0
-    # Gradio notices the lost visitor at the handler's next update, sent at least once a second.
+    assert stopped_by_stream == [1]  # the dropped event stream stopped the job directly
     assert not [t for t in steps if t > closed_at + 5]
 
 

@@ -318,3 +318,17 @@ def test_cancel_hooks_need_both_ids():
     assert not hooks.cancel("session-a", "event-1")  # a hook runs once
     remove()  # removing after it ran is harmless
     assert len(hooks) == 0
+
+
+def test_cancel_session_runs_its_hooks_only():
+    from kit.cancels import CancelHooks
+
+    hooks = CancelHooks()
+    ran: list[str] = []
+    hooks.register("session-a", "event-1", lambda: ran.append("a1"))
+    hooks.register("session-a", "event-2", lambda: ran.append("a2"))
+    hooks.register("session-b", "event-1", lambda: ran.append("b1"))
+    assert hooks.cancel_session("session-a") == 2
+    assert sorted(ran) == ["a1", "a2"]
+    assert hooks.cancel_session("session-a") == 0
+    assert len(hooks) == 1  # the other visitor's job keeps its hook

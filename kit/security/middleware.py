@@ -14,6 +14,8 @@ It runs inside Gradio's own middleware, on every request to the site, before rou
 4. Job requests have their image inputs checked and URLs fetched (``kit.security.gate``).
 5. A cancel request (``POST /gradio_api/cancel``) stops its job here at once, through the
    job's cancel hook (``kit.cancels``), and then goes on to Gradio as usual.
+6. A session's event stream (``GET /gradio_api/queue/data``) that the client drops before
+   Gradio ends it stops that session's running jobs the same way.
 
 An API token's user reaches ``gr.Request.username`` through a FastAPI dependency override
 of Gradio's ``get_current_user``, installed on the first request.
@@ -27,6 +29,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
@@ -55,6 +58,8 @@ _GRADIO_USER_FUNCTION = "get_current_user"
 # Bytes of JSON allowed per job request on top of the upload limit (base64 adds a third).
 _BODY_MARGIN = 1_000_000
 CANCEL_PATH = "/gradio_api/cancel"
+# The event stream of a session: a client that drops it mid-job has left.
+STREAM_PATH = "/gradio_api/queue/data"
 # A cancel body contains a session hash, an event id and a number.
 _CANCEL_BODY_LIMIT = 16_384
 
@@ -161,6 +166,9 @@ class SiteGuardMiddleware:
             return
         if method == "POST" and path == CANCEL_PATH and self.cancel_hooks is not None:
             await self._cancel(scope, receive, send)
+            return
+        if method == "GET" and path == STREAM_PATH and self.cancel_hooks is not None:
+            await self._watch_stream(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -301,6 +309,33 @@ class SiteGuardMiddleware:
             if self.cancel_hooks is not None and self.cancel_hooks.cancel(session_hash, event_id):
                 logger.debug("cancel hook ran for event %s", event_id)
         await self.app(scope, _replay(body, receive), send)
+
+    async def _watch_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass an event stream to Gradio; stop the session's jobs if the client drops it.
+
+        Gradio ends a stream itself once the session has no events left. A disconnect
+        before that end means the visitor left (a closed tab, a killed script), so the
+        session's running jobs stop now rather than at their handlers' next yield.
+        """
+        query = scope.get("query_string", b"").decode("latin-1")
+        session_hash = parse_qs(query).get("session_hash", [""])[0]
+        completed = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal completed
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
+            await send(message)
+
+        async def watched_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not completed and session_hash and self.cancel_hooks is not None:
+                stopped = self.cancel_hooks.cancel_session(session_hash)
+                if stopped:
+                    logger.info("event stream of session %s dropped: stopped %d job(s)", session_hash[:12], stopped)
+            return message
+
+        await self.app(scope, watched_receive, watched_send)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
         if scope["type"] == "websocket":

@@ -43,7 +43,8 @@ STOPPED_STATUS = "Stopped. Nothing was saved."
 # cancel hook, not through a yield.
 STATUS_INTERVAL_SECONDS = 0.25
 # The handler yields at least this often (seconds), because Gradio closes the handler of a
-# visitor who has left only at a yield. API callers, who see no previews, get only these.
+# visitor who has left only at a yield. The kit's middleware stops such a job as soon as its
+# event stream drops, so this is the fallback. API callers, who see no previews, get only these.
 KEEPALIVE_SECONDS = 1.0
 
 
