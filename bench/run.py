@@ -450,9 +450,9 @@ def render(rows, workload, preset, client_counts, cancel_steps, args) -> str:
         f"The same figure for the plain Space, which adds nothing to Gradio: {ms(plain_over - bare50)}. "
         f"Kit p50 minus plain Space p50: {ms(kit50 - plain50)}.",
         "",
-        "The bare app does no work, so its floor leaves out what Gradio costs while a job computes:",
-        "in Gradio 6.31 the queue loop wakes every millisecond and the progress loop every 10 ms,",
-        "and both can compete with the pipeline for the interpreter. The plain Space row includes",
+        "The bare app does no work, so its floor leaves out what Gradio costs while a job computes.",
+        "In Gradio 6.31 the queue loop wakes every millisecond and the progress loop every 10 ms.",
+        "Both can compete with the pipeline for the interpreter. The plain Space row includes",
         "that cost. A difference between the kit and the plain Space within the run-to-run spread",
         "of the plain Space's own figure is noise, not kit overhead.",
         "",

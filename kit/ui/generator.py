@@ -262,14 +262,8 @@ def make_handlers(services: Services):
                     status = _waiting_text(time.monotonic() - waiting_since)
                 preview = _preview_item(update, generation_request.prompt)
                 now = time.monotonic()
-                if now - last_yield < KEEPALIVE_SECONDS:
-                    if not wants_previews:
-                        continue
-                    # The page gets new previews and new status lines, step lines at most
-                    # every STATUS_INTERVAL_SECONDS.
-                    is_step = update is not None and update.kind == "step"
-                    if preview is None and (status is None or status == last_status or (is_step and now - last_yield < STATUS_INTERVAL_SECONDS)):
-                        continue
+                if not _update_due(now - last_yield, wants_previews, update, preview, status, last_status):
+                    continue
                 last_yield = now
                 if status is not None:
                     last_status = status
@@ -329,6 +323,26 @@ class StepTimer:
             return None
         per_step = (now - started) / (step - first_step)
         return per_step * max(0, total - step)
+
+
+def _update_due(
+    since_last: float, for_page: bool, update: Any, preview: Any, status: str | None, last_status: str
+) -> bool:
+    """Return whether the handler sends an update now, ``since_last`` seconds after the last one.
+
+    API callers get one every KEEPALIVE_SECONDS. The page also gets each new preview and each
+    new status line, with step lines at most every STATUS_INTERVAL_SECONDS.
+    """
+    if since_last >= KEEPALIVE_SECONDS:
+        return True
+    if not for_page:
+        return False
+    if preview is not None:
+        return True
+    if status is None or status == last_status:
+        return False
+    is_step = update is not None and update.kind == "step"
+    return not is_step or since_last >= STATUS_INTERVAL_SECONDS
 
 
 def _caller_kind(request: gr.Request | None) -> str:
