@@ -280,6 +280,31 @@ def test_stop_long_job_saves_nothing(launch_site, open_browser, screenshot):
     screenshot(page, "desktop-stopped.png")
 
 
+def test_stop_with_slow_cancel_request_leaves_no_preview(launch_site, open_browser):
+    """The page sends its cancel request only after Stop's own reply, and applies the job's
+    updates until that request returns. Holding the request back widens that window: a
+    preview that arrives in it must not reappear in the gallery after Stop cleared it."""
+    site = launch_site(browser_preset())
+    page = open_site(open_browser(), site.url)
+
+    def slow_cancel(route: Any) -> None:
+        time.sleep(2.0)
+        route.fallback()
+
+    page.route("**/gradio_api/cancel", slow_cancel)
+    start_long_job(page, "a slow one")
+    page.wait_for_selector("#result img[alt^='Preview at step']")
+    page.locator("#stop").click()
+    wait_for_status(page, "Stopped")
+    page.wait_for_timeout(3000)  # past the held-back cancel request and a dozen preview intervals
+
+    assert page.locator("#result img[alt^='Preview']").count() == 0
+    assert "Stopped" in page.locator("#status").inner_text()
+    assert page.locator(".toast-body.error").count() == 0  # Stop shows no error toast
+    wait_until_idle(site)
+    assert site.services.gallery.count() == 0
+
+
 def test_closed_tab_stops_its_job(launch_site, open_browser, monkeypatch):
     site = launch_site(browser_preset())
     hooks = site.services.cancel_hooks

@@ -1,14 +1,20 @@
-"""UI helpers that have no browser of their own to test them: settings reuse and the logo."""
+"""UI helpers that have no browser of their own to test them: settings reuse, the logo and Stop."""
 
 from __future__ import annotations
 
 import base64
+import logging
+import threading
+import time
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from kit.errors import PresetError
+from kit.generate import GenerationJob, GenerationRequest
 from kit.site import MAX_LOGO_BYTES, _logo_src
+from kit.ui.generator import SessionJobs
 from kit.ui.settings import reusable_settings, settings_from_png
 from tests.conftest import demo_preset
 
@@ -80,3 +86,53 @@ def test_bad_logo_stops_startup(tmp_path, name, content, fragment):
         _logo_src(name, str(preset_file))
     assert "site.logo" in str(caught.value)
     assert fragment in str(caught.value)
+
+
+def _handler_thread(job: GenerationJob, remove: Any, delay: float) -> threading.Thread:
+    """Stand in for a generate handler: end once the job is cancelled, after ``delay`` seconds."""
+
+    def run() -> None:
+        job.cancelled.wait()
+        time.sleep(delay)
+        job.finish_cancelled()
+        remove()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stop_waits_for_session_handlers():
+    session_jobs = SessionJobs()
+    mine = GenerationJob(GenerationRequest(prompt="mine"), owner="a")
+    other = GenerationJob(GenerationRequest(prompt="other"), owner="b")
+    _handler_thread(mine, session_jobs.add("session-a", mine), delay=0.3)
+    session_jobs.add("session-b", other)
+
+    stopped = session_jobs.stop("session-a", timeout=10)
+
+    assert stopped == [mine]
+    # Stop returned only after the handler had ended, so no update of it can follow the reply.
+    assert mine.finished.is_set()
+    assert session_jobs.stop("session-a") == []
+    assert not other.cancelled.is_set()
+
+
+def test_stop_gives_up_on_a_stuck_handler(caplog):
+    session_jobs = SessionJobs()
+    job = GenerationJob(GenerationRequest(prompt="stuck"), owner="a")
+    session_jobs.add("session-a", job)
+
+    with caplog.at_level(logging.WARNING):
+        assert session_jobs.stop("session-a", timeout=0.2) == [job]
+
+    assert job.cancelled.is_set()
+    assert "timed out after 0.2 s waiting for the stopped jobs of session session-a" in caplog.text
+
+
+def test_stop_without_session_does_nothing():
+    session_jobs = SessionJobs()
+    job = GenerationJob(GenerationRequest(prompt="no session"), owner="a")
+    session_jobs.add(None, job)
+    assert session_jobs.stop(None) == []
+    assert not job.cancelled.is_set()

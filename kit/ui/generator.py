@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,9 @@ STATUS_INTERVAL_SECONDS = 0.25
 # visitor who has left only at a yield. The kit's middleware stops such a job as soon as its
 # event stream drops, so this is the fallback. API callers, who see no previews, get only these.
 KEEPALIVE_SECONDS = 1.0
+# How long Stop waits for the stopped handlers to send their last update (seconds). A
+# cancelled job ends within one denoising step, so this bounds only a stuck pipeline.
+STOP_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -199,7 +204,51 @@ def _slider(minimum: float, maximum: float, *, value: float, step: float, visibl
     return gr.Slider(minimum, maximum, value=value, step=step, visible=visible, **kwargs)
 
 
-def make_handlers(services: Services):
+class SessionJobs:
+    """The generate jobs that each browser session's handlers are running.
+
+    Stop uses it to end a visitor's jobs and wait until their handlers are done. The page
+    sends Gradio's cancel request only after Stop's reply and applies the job's updates until
+    that request returns, so without the wait a preview could land after Stop cleared it.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, set[GenerationJob]] = {}
+        self._changed = threading.Condition()
+
+    def add(self, session_hash: str | None, job: GenerationJob) -> Callable[[], None]:
+        """Record a running handler's job; return the function its handler calls when it ends."""
+        if not session_hash:
+            return lambda: None
+        with self._changed:
+            self._jobs.setdefault(session_hash, set()).add(job)
+
+        def remove() -> None:
+            with self._changed:
+                jobs = self._jobs.get(session_hash, set())
+                jobs.discard(job)
+                if not jobs:
+                    self._jobs.pop(session_hash, None)
+                self._changed.notify_all()
+
+        return remove
+
+    def stop(self, session_hash: str | None, timeout: float = STOP_WAIT_SECONDS) -> list[GenerationJob]:
+        """Cancel the session's jobs, wait until their handlers end, and return the jobs."""
+        if not session_hash:
+            return []
+        with self._changed:
+            jobs = list(self._jobs.get(session_hash, ()))
+        for job in jobs:
+            job.cancel()
+        with self._changed:
+            ended = self._changed.wait_for(lambda: not self._jobs.get(session_hash, set()).intersection(jobs), timeout)
+        if not ended:
+            logger.warning("timed out after %.1f s waiting for the stopped jobs of session %s to end", timeout, session_hash[:12])
+        return jobs
+
+
+def make_handlers(services: Services, session_jobs: SessionJobs | None = None):
     """Return (validator, handler) for the generate event, closed over the services."""
 
     def validate(
@@ -245,9 +294,9 @@ def make_handlers(services: Services):
         with visitor_errors():
             generation_request = services.generator.check(values)
             job = services.generator.start(generation_request, owner, previews=wants_previews)
-        remove_hook = services.cancel_hooks.register(
-            getattr(request, "session_hash", None), LocalContext.event_id.get(None), job.cancel
-        )
+        session_hash = getattr(request, "session_hash", None)
+        remove_hook = services.cancel_hooks.register(session_hash, LocalContext.event_id.get(None), job.cancel)
+        remove_job = session_jobs.add(session_hash, job) if session_jobs is not None else lambda: None
         timer = StepTimer()
         waiting_since: float | None = None
         showing_preview = False
@@ -283,8 +332,20 @@ def make_handlers(services: Services):
                     result = job.wait()
             except gr.Error as exc:
                 # The status line gives the reason the job ended, and a preview must not pass for a result.
-                yield None if showing_preview else gr.skip(), gr.skip(), f"**Not finished.** {exc.message}"
+                clear = None if showing_preview else gr.skip()
+                if wants_previews and isinstance(job.error, JobCancelled):
+                    # The visitor pressed Stop or left, so an error toast would tell them nothing new.
+                    yield clear, gr.skip(), STOPPED_STATUS
+                    return
+                yield clear, gr.skip(), f"**Not finished.** {exc.message}"
                 raise
+            images = _result_images(services, result)
+            notes = " ".join(result.notices)
+            seeds = ", ".join(str(s) for s in result.seeds)
+            summary = f"Done in {result.seconds:.1f} s. Seed{'s' if len(result.seeds) > 1 else ''}: {seeds}. {notes}".strip()
+            if result.notices:
+                gr.Warning(notes)
+            yield images, result.record(), summary
         except GeneratorExit:
             job.cancel()
             raise
@@ -292,13 +353,8 @@ def make_handlers(services: Services):
             remove_hook()
             if not job.finished.is_set():
                 job.cancel()
-        images = _result_images(services, result)
-        notes = " ".join(result.notices)
-        seeds = ", ".join(str(s) for s in result.seeds)
-        summary = f"Done in {result.seconds:.1f} s. Seed{'s' if len(result.seeds) > 1 else ''}: {seeds}. {notes}".strip()
-        if result.notices:
-            gr.Warning(notes)
-        yield images, result.record(), summary
+            # Only now, after the last update went out, may Stop reply (see SessionJobs).
+            remove_job()
 
     return validate, generate
 
@@ -425,7 +481,8 @@ def _is_preview(item: Any) -> bool:
 
 def wire_generator(panel: GeneratorPanel, services: Services, browser_state: gr.State, concurrency_limit: int):
     """Wire Generate, Enter in the prompt, Stop and the source-image settings offer; return the two generate events."""
-    validate, generate = make_handlers(services)
+    session_jobs = SessionJobs()
+    validate, generate = make_handlers(services, session_jobs)
     inputs = [panel.inputs[name] for name in API_PARAMETERS] + [browser_state]
     outputs = [panel.gallery, panel.record, panel.status]
     common = dict(
@@ -441,7 +498,13 @@ def wire_generator(panel: GeneratorPanel, services: Services, browser_state: gr.
     click_event = panel.generate_button.click(api_name="generate", **common)
     submit_event = panel.inputs["prompt"].submit(api_name="generate_on_enter", api_visibility="private", **common)
 
-    def stop(current: list | None):
+    def stop(current: list | None, request: gr.Request):
+        # The page sends Gradio's cancel request only after this reply. Ending the jobs here
+        # first means no handler update arrives after it.
+        jobs = session_jobs.stop(getattr(request, "session_hash", None))
+        if jobs and all(job.error is None and job.result is not None for job in jobs):
+            # Every job finished before the cancel reached it, so the page keeps its result and status.
+            return gr.skip(), gr.skip()
         # A live preview of a stopped job would look like a result; a finished result stays.
         if current and all(_is_preview(item) for item in current):
             return None, STOPPED_STATUS
