@@ -280,7 +280,7 @@ def test_stop_long_job_saves_nothing(launch_site, open_browser, screenshot):
     screenshot(page, "desktop-stopped.png")
 
 
-def test_stop_with_slow_cancel_request_leaves_no_preview(launch_site, open_browser):
+def test_slow_cancel_leaves_no_preview(launch_site, open_browser):
     """The page sends its cancel request only after Stop's own reply, and applies the job's
     updates until that request returns. Holding the request back widens that window: a
     preview that arrives in it must not reappear in the gallery after Stop cleared it."""
@@ -296,7 +296,7 @@ def test_stop_with_slow_cancel_request_leaves_no_preview(launch_site, open_brows
     page.wait_for_selector("#result img[alt^='Preview at step']")
     page.locator("#stop").click()
     wait_for_status(page, "Stopped")
-    page.wait_for_timeout(3000)  # past the held-back cancel request and a dozen preview intervals
+    page.wait_for_timeout(3000)  # longer than the 2 s hold and a dozen preview intervals
 
     assert page.locator("#result img[alt^='Preview']").count() == 0
     assert "Stopped" in page.locator("#status").inner_text()

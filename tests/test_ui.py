@@ -118,7 +118,7 @@ def test_stop_waits_for_session_handlers():
     assert not other.cancelled.is_set()
 
 
-def test_stop_gives_up_on_a_stuck_handler(caplog):
+def test_stop_times_out_on_stuck_handler(caplog):
     session_jobs = SessionJobs()
     job = GenerationJob(GenerationRequest(prompt="stuck"), owner="a")
     session_jobs.add("session-a", job)

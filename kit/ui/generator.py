@@ -244,11 +244,15 @@ class SessionJobs:
         with self._changed:
             ended = self._changed.wait_for(lambda: not self._jobs.get(session_hash, set()).intersection(jobs), timeout)
         if not ended:
-            logger.warning("timed out after %.1f s waiting for the stopped jobs of session %s to end", timeout, session_hash[:12])
+            logger.warning(
+                "timed out after %.1f s waiting for the stopped jobs of session %s to end; their pipeline may be stuck",
+                timeout,
+                session_hash[:12],
+            )
         return jobs
 
 
-def make_handlers(services: Services, session_jobs: SessionJobs | None = None):
+def make_handlers(services: Services, session_jobs: SessionJobs):
     """Return (validator, handler) for the generate event, closed over the services."""
 
     def validate(
@@ -296,7 +300,7 @@ def make_handlers(services: Services, session_jobs: SessionJobs | None = None):
             job = services.generator.start(generation_request, owner, previews=wants_previews)
         session_hash = getattr(request, "session_hash", None)
         remove_hook = services.cancel_hooks.register(session_hash, LocalContext.event_id.get(None), job.cancel)
-        remove_job = session_jobs.add(session_hash, job) if session_jobs is not None else lambda: None
+        remove_job = session_jobs.add(session_hash, job)
         timer = StepTimer()
         waiting_since: float | None = None
         showing_preview = False
@@ -499,8 +503,8 @@ def wire_generator(panel: GeneratorPanel, services: Services, browser_state: gr.
     submit_event = panel.inputs["prompt"].submit(api_name="generate_on_enter", api_visibility="private", **common)
 
     def stop(current: list | None, request: gr.Request):
-        # The page sends Gradio's cancel request only after this reply. Ending the jobs here
-        # first means no handler update arrives after it.
+        # End the jobs before replying, because the page applies their updates until its
+        # cancel request, sent after this reply, returns (see SessionJobs).
         jobs = session_jobs.stop(getattr(request, "session_hash", None))
         if jobs and all(job.error is None and job.result is not None for job in jobs):
             # Every job finished before the cancel reached it, so the page keeps its result and status.
